@@ -1,0 +1,75 @@
+"""`h3pretrain` command line: one entry point, one subcommand per job.
+
+Heavy imports (torch, deepspeed, megatron) happen inside the subcommands, so `--help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _import_h3(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import apply_overrides, preset
+    from .export.official import load_file
+    from .model import HybridLM
+    from .model_io import save_model_dir
+
+    cfg = apply_overrides(preset(args.preset), [f"{kv}" for kv in args.set])
+    print(f"reading {args.checkpoint}", flush=True)
+    state = load_file(args.checkpoint)
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    model.load_official_state_dict(state)
+    out = save_model_dir(model, args.out)
+    print(f"imported {model.num_parameters():,} parameters ({args.preset}) -> {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import apply_overrides, preset, to_dict
+    from .model import HybridLM
+
+    cfg = apply_overrides(preset(args.preset), args.set)
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    for key, value in to_dict(cfg).items():
+        print(f"  {key:20s} {value}")
+    print(f"  layers: {' '.join('A' if k == 'attention' else 'H' for k in cfg.layer_kinds())}")
+    print(f"  parameters: {model.num_parameters():,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="h3pretrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("import-h3", help="convert a released H3 checkpoint (model.pt) to a model directory")
+    p.add_argument("checkpoint", help="released file: .pt / .ckpt (Lightning) / .safetensors")
+    p.add_argument("--preset", required=True, help="model shape: 125m, 355m, 1.3b, 2.7b")
+    p.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
+    p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="override a model field, e.g. --set attn_rotary_dim=64 (repeatable)")
+    p.set_defaults(func=_import_h3)
+
+    p = sub.add_parser("info", help="print a preset's config, layer pattern and parameter count")
+    p.add_argument("--preset", default="125m")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"h3pretrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

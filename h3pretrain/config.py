@@ -1,0 +1,198 @@
+"""Typed configuration: plain dataclasses, presets, YAML round trip and dotted overrides.
+
+    cfg = Config(model=preset("125m"))
+    apply_overrides(cfg, ["model.attn_layer_idx=[4, 8]", "model.embed_dropout=0"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the typed config."""
+
+
+@dataclass
+class ModelConfig:
+    """Shape and initialisation of a hybrid H3 + attention language model (DESIGN.md sections 1-3)."""
+
+    vocab_size: int = 50257
+    pad_vocab_multiple: int = 8
+    d_model: int = 768
+    n_layer: int = 12
+    attn_layer_idx: list[int] = field(default_factory=lambda: [6])
+    attn_num_heads: int = 12
+    # Rotary embedding on the first `attn_rotary_dim` dims of each attention head (0: none).
+    attn_rotary_dim: int = 0
+    # "h3": H3 layers with attention at attn_layer_idx; "attention": attention in every layer.
+    mixer: str = "h3"
+    ssm_d_state: int = 64
+    ssm_head_dim: int = 1
+    ssm_dt_min: float = 0.001
+    ssm_dt_max: float = 0.1
+    mlp_ratio: int = 4
+    embed_dropout: float = 0.1
+    resid_dropout: float = 0.0
+    attn_dropout: float = 0.1
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def ssm_num_heads(self) -> int:
+        return self.d_model // self.ssm_head_dim
+
+    def layer_kinds(self) -> list[str]:
+        """'h3' or 'attention' for each layer."""
+        if self.mixer == "attention":
+            return ["attention"] * self.n_layer
+        return ["attention" if i in self.attn_layer_idx else self.mixer for i in range(self.n_layer)]
+
+    def validate(self) -> None:
+        errors = []
+        if self.mixer not in ("h3", "attention"):
+            errors.append(f"mixer must be 'h3' or 'attention', not {self.mixer!r}")
+        if self.d_model % self.ssm_head_dim:
+            errors.append(f"d_model {self.d_model} is not a multiple of ssm_head_dim {self.ssm_head_dim}")
+        if self.ssm_d_state % 2:
+            errors.append(f"ssm_d_state {self.ssm_d_state} must be even (d_state/2 complex modes)")
+        bad = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]
+        if bad:
+            errors.append(f"attn_layer_idx {bad} outside 0..{self.n_layer - 1}")
+        if "attention" in self.layer_kinds():
+            if self.d_model % self.attn_num_heads:
+                errors.append(f"d_model {self.d_model} is not a multiple of attn_num_heads {self.attn_num_heads}")
+            else:
+                head = self.d_model // self.attn_num_heads
+                if self.attn_rotary_dim % 2 or self.attn_rotary_dim > head:
+                    errors.append(f"attn_rotary_dim {self.attn_rotary_dim} must be even and <= head dim {head}")
+        if errors:
+            raise ConfigError("invalid model config: " + "; ".join(errors))
+
+
+def _released(d_model: int, n_layer: int, heads: int, attn: list[int], **kw: Any) -> ModelConfig:
+    return ModelConfig(d_model=d_model, n_layer=n_layer, attn_num_heads=heads, attn_layer_idx=attn, **kw)
+
+
+# Shapes of the released H3 checkpoints (DESIGN.md section 3) plus a CPU-sized one.
+PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
+    "tiny": lambda: ModelConfig(vocab_size=4096, d_model=128, n_layer=4, attn_layer_idx=[2], attn_num_heads=4),
+    "125m": lambda: _released(768, 12, 12, [6]),
+    "355m": lambda: _released(1024, 24, 16, [8, 16]),
+    "1.3b": lambda: _released(2048, 24, 16, [8, 16]),
+    "2.7b": lambda: _released(2560, 32, 20, [8, 16, 24], initializer_range=math.sqrt(2 / (5 * 2560))),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+@dataclass
+class Config:
+    """The whole run's configuration. Sections are added as the system grows."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict / YAML conversion and overrides
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply `a.b.c=value` strings in place; values are parsed as YAML and type-checked."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        path, raw = item.split("=", 1)
+        parts = path.strip().split(".")
+        obj = cfg
+        for p in parts[:-1]:
+            if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+                raise ConfigError(f"override {item!r}: no section {p!r}")
+            obj = getattr(obj, p)
+        key = parts[-1]
+        fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else set()
+        if key not in fields:
+            raise ConfigError(f"override {item!r}: no key {key!r} (valid: {sorted(fields)})")
+        hint = typing.get_type_hints(type(obj))[key]
+        setattr(obj, key, _coerce(yaml.safe_load(raw), hint, path))
+    return cfg
+
+
+def load_yaml(path: str | Path, overrides: list[str] = ()) -> Config:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    model = data.get("model")
+    if isinstance(model, dict) and "preset" in model:
+        # `model: {preset: 125m, ...}` starts from the preset and overrides the given keys.
+        model = dict(model)
+        base = to_dict(preset(model.pop("preset")))
+        base.update(model)
+        data = {**data, "model": base}
+    cfg = from_dict(Config, data)
+    apply_overrides(cfg, list(overrides))
+    return cfg
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,95 @@
+"""Causal multi-head attention with a fused Wqkv, no positional encoding by default, optional
+rotary embedding on the first `rotary_dim` dims of each head (GPT-NeoX layout, base 10000).
+
+Uses flash-attn when it is importable and the inputs are fp16/bf16 on CUDA, else torch SDPA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import InferenceCache
+from .layers import LayerFactory
+
+try:  # optional: a CUDA-only source build
+    from flash_attn import flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    flash_attn_func = None
+
+
+class Rotary(nn.Module):
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        self.dim = dim
+        self.base = base
+
+    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        """x: (B, L, heads, head_dim); rotates x[..., :dim] by position offset + t."""
+        L = x.shape[1]
+        # Computed on the fly (no buffer): cheap, and nothing to go stale on meta-device builds.
+        inv_freq = 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32) / self.dim)
+        t = torch.arange(offset, offset + L, device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (L, dim/2)
+        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        rot, rest = x[..., : self.dim].float(), x[..., self.dim:]
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        return torch.cat([rotated, rest], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int, *, rotary_dim: int = 0, dropout: float = 0.0,
+                 layer_idx: int = 0, factory: LayerFactory | None = None, init_std: float = 0.02,
+                 out_init_std: float = 0.02):
+        super().__init__()
+        factory = factory or LayerFactory()
+        if d_model % num_heads:
+            raise ValueError(f"d_model {d_model} is not a multiple of num_heads {num_heads}")
+        self.layer_idx = layer_idx
+        self.head_dim = d_model // num_heads
+        self.num_heads = factory.local(num_heads, "attention heads")
+        self.dropout = dropout
+        self.Wqkv = factory.linear(d_model, 3 * d_model, role="column", init_std=init_std)
+        self.out_proj = factory.linear(d_model, d_model, role="row", init_std=out_init_std)
+        self.rotary = Rotary(rotary_dim) if rotary_dim else None
+
+    def forward(self, x: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
+        B, L, _ = x.shape
+        # Column layout (three, heads, head_dim): the fused layout of the released checkpoints.
+        q, k, v = self.Wqkv(x).view(B, L, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        offset = cache.seqlen_offset if cache is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            y = self._attend(q, k, v, dropout)
+        else:
+            y = self._attend_cached(q, k, v, cache, offset)
+        return self.out_proj(y.reshape(B, L, -1))
+
+    def _attend(self, q, k, v, dropout: float) -> torch.Tensor:
+        if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+            return flash_attn_func(q, k, v, dropout_p=dropout, causal=True)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           dropout_p=dropout, is_causal=True)
+        return y.transpose(1, 2)
+
+    def _attend_cached(self, q, k, v, cache: InferenceCache, offset: int) -> torch.Tensor:
+        B, L = q.shape[:2]
+        state = cache.layers.get(self.layer_idx)
+        if state is None:
+            shape = (B, cache.max_seqlen, self.num_heads, self.head_dim)
+            state = {"k": k.new_zeros(shape), "v": v.new_zeros(shape)}
+            cache.layers[self.layer_idx] = state
+        end = offset + L
+        if end > cache.max_seqlen:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache's max_seqlen {cache.max_seqlen}")
+        state["k"][:, offset:end] = k
+        state["v"][:, offset:end] = v
+        keys, values = state["k"][:, :end], state["v"][:, :end]
+        # query t (absolute offset + t) sees keys 0..offset + t
+        mask = torch.ones(L, end, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=mask)
+        return y.transpose(1, 2)

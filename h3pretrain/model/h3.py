@@ -1,0 +1,88 @@
+"""The H3 mixer (DESIGN.md section 1): q, k, v projections; shift SSM on k; per-head k (x) v;
+diagonal SSM; gating by q; output projection.
+
+Convolution mode calls `flashconv.h3_conv`; recurrent mode (generation) keeps O(D*N) state per
+layer: the last N inputs of the shift SSM and the complex state of the diagonal SSM.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import flashconv
+from flashconv.reference import causal_conv
+
+from .cache import InferenceCache
+from .layers import LayerFactory
+from .ssm import DiagSSMKernel, ShiftSSMKernel
+
+
+class H3(nn.Module):
+    def __init__(self, d_model: int, *, d_state: int = 64, head_dim: int = 1, dt_min: float = 0.001,
+                 dt_max: float = 0.1, layer_idx: int = 0, factory: LayerFactory | None = None,
+                 init_std: float = 0.02):
+        super().__init__()
+        factory = factory or LayerFactory()
+        if d_model % head_dim:
+            raise ValueError(f"d_model {d_model} is not a multiple of head_dim {head_dim}")
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim
+        self.d_state = d_state
+        self.num_heads = factory.local(d_model // head_dim, "H3 heads")  # this rank's heads
+        self.channels = self.num_heads * head_dim
+        self.q_proj = factory.linear(d_model, d_model, role="column", init_std=init_std)
+        self.k_proj = factory.linear(d_model, d_model, role="column", init_std=init_std)
+        self.v_proj = factory.linear(d_model, d_model, role="column", init_std=init_std)
+        self.shift_kernel = ShiftSSMKernel(self.channels, d_state)
+        self.ssm_k_D = nn.Parameter(torch.randn(self.channels))
+        self.diag_kernel = DiagSSMKernel(self.num_heads, d_state, dt_min, dt_max)
+        self.D = nn.Parameter(torch.randn(self.num_heads))
+        # Not rescaled by depth, unlike out_proj/fc2 (as in the released models).
+        self.output_linear = factory.linear(d_model, d_model, role="row", init_std=init_std)
+
+    def forward(self, x: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if cache is not None and cache.seqlen_offset > 0:
+            y = torch.stack([self._step(q[:, t], k[:, t], v[:, t], cache) for t in range(x.shape[1])], dim=1)
+            y = y.to(q.dtype)
+        else:
+            L = x.shape[1]
+            y = flashconv.h3_conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D,
+                                  self.diag_kernel.kernel(L), self.D, self.head_dim)
+            if cache is not None:
+                cache.layers[self.layer_idx] = self._prompt_state(k, v)
+        return self.output_linear(y)
+
+    # ---- recurrent mode -------------------------------------------------------------------
+
+    def _kv(self, k_shifted: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per-head outer product; inputs (B, C, ...) -> (B, H, d1, d2, ...)."""
+        B, hd, H = k_shifted.shape[0], self.head_dim, self.num_heads
+        rest = k_shifted.shape[2:]
+        return k_shifted.reshape(B, H, hd, 1, *rest) * v.reshape(B, H, 1, hd, *rest)
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def _prompt_state(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        k = k.transpose(1, 2).float()  # (B, C, L)
+        v = v.transpose(1, 2).float()
+        N, L = self.d_state, k.shape[-1]
+        shift_state = k[..., -N:] if L >= N else nn.functional.pad(k, (N - L, 0))
+        k_shifted = causal_conv(k, self.shift_kernel.taps(), self.ssm_k_D[:, None])
+        return {"shift": shift_state, "ssm": self.diag_kernel.final_state(self._kv(k_shifted, v))}
+
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
+    def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
+        """One token: q, k, v (B, C) -> (B, C) fp32."""
+        state = cache.layers[self.layer_idx]
+        q, k, v = q.float(), k.float(), v.float()
+        window = torch.cat([state["shift"][..., 1:], k[..., None]], dim=-1)  # oldest first
+        taps = self.shift_kernel.taps().flip(-1)  # taps[j] multiplies the input j steps back
+        k_shifted = (window * taps).sum(-1) + self.ssm_k_D * k
+        kv = self._kv(k_shifted, v)  # (B, H, d1, d2)
+        y, ssm_state = self.diag_kernel.step(kv, state["ssm"])
+        y = y + self.D.view(-1, 1, 1) * kv
+        out = (q.view(*kv.shape[:3], 1) * y).sum(dim=2)  # (B, H, d2)
+        state["shift"], state["ssm"] = window, ssm_state
+        return out.reshape(q.shape)

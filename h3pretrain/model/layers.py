@@ -1,0 +1,51 @@
+"""Factories for the layers that tensor parallelism shards.
+
+The model builds every Linear and the word embedding through a `LayerFactory`, naming the
+Megatron-style role of each: `column` (output dim sharded), `row` (input dim sharded, output
+all-reduced) or `embedding` (vocab sharded). The single-device factory returns plain torch modules.
+A tensor-parallel factory returns megatron-core's parallel layers behind the same call signature
+(input -> output tensor), and reports `tp_size` so that per-channel parameters (the SSMs) are built
+for this rank's heads only. The model's math never branches on parallelism.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LayerFactory:
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def linear(self, in_features: int, out_features: int, *, role: str, bias: bool = True,
+               init_std: float = 0.02) -> nn.Module:
+        """role: 'column' or 'row' (Megatron); plain nn.Linear here. Weight N(0, init_std), bias 0."""
+        if role not in ("column", "row"):
+            raise ValueError(f"unknown linear role {role!r}")
+        layer = nn.Linear(in_features, out_features, bias=bias)
+        nn.init.normal_(layer.weight, std=init_std)
+        if bias:
+            nn.init.zeros_(layer.bias)
+        return layer
+
+    def embedding(self, num_embeddings: int, dim: int, *, init_std: float = 0.02) -> nn.Module:
+        emb = nn.Embedding(num_embeddings, dim)
+        nn.init.normal_(emb.weight, std=init_std)
+        return emb
+
+    def lm_logits(self, hidden: torch.Tensor, embedding: nn.Module) -> torch.Tensor:
+        """Tied LM head: hidden @ embedding.weight^T (vocab-parallel under TP)."""
+        return nn.functional.linear(hidden, embedding.weight)
+
+    def local(self, n: int, what: str) -> int:
+        """This rank's share of `n` heads/channels; whole heads per rank."""
+        if n % self.tp_size:
+            raise ValueError(f"{what} = {n} is not divisible by tensor-parallel size {self.tp_size}")
+        return n // self.tp_size
+
+
+def residual_init_std(base_std: float, n_layer: int) -> float:
+    """GPT-2 rescaling of the layers that write into the residual stream (out_proj, fc2)."""
+    return base_std / math.sqrt(2 * n_layer)

@@ -1,0 +1,110 @@
+"""The hybrid language model: word embedding, pre-norm blocks (H3 or attention mixer + MLP),
+final LayerNorm, LM head tied to the embedding. No position embeddings (DESIGN.md section 2).
+
+Module names follow the released checkpoints, except that the two SSM kernels are called
+`shift_kernel` and `diag_kernel` (released: `ssm_k_kernel.kernel`, `kernel.kernel`);
+h3pretrain.export.official translates.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import CausalSelfAttention
+from .cache import InferenceCache
+from .h3 import H3
+from .layers import LayerFactory, residual_init_std
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int, factory: LayerFactory, init_std: float, out_init_std: float):
+        super().__init__()
+        self.fc1 = factory.linear(d_model, hidden, role="column", init_std=init_std)
+        self.fc2 = factory.linear(hidden, d_model, role="row", init_std=out_init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str, factory: LayerFactory):
+        super().__init__()
+        std = cfg.initializer_range
+        out_std = residual_init_std(std, cfg.n_layer)
+        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        if kind == "attention":
+            self.mixer = CausalSelfAttention(cfg.d_model, cfg.attn_num_heads, rotary_dim=cfg.attn_rotary_dim,
+                                             dropout=cfg.attn_dropout, layer_idx=layer_idx, factory=factory,
+                                             init_std=std, out_init_std=out_std)
+        else:
+            self.mixer = H3(cfg.d_model, d_state=cfg.ssm_d_state, head_dim=cfg.ssm_head_dim, dt_min=cfg.ssm_dt_min,
+                            dt_max=cfg.ssm_dt_max, layer_idx=layer_idx, factory=factory, init_std=std)
+        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, factory, std, out_std)
+        self.dropout1 = nn.Dropout(cfg.resid_dropout)
+        self.dropout2 = nn.Dropout(cfg.resid_dropout)
+
+    def forward(self, x: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
+        x = x + self.dropout1(self.mixer(self.norm1(x), cache=cache))
+        return x + self.dropout2(self.mlp(self.norm2(x)))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory):
+        super().__init__()
+        self.word_embeddings = factory.embedding(cfg.padded_vocab_size, cfg.d_model, init_std=cfg.initializer_range)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory):
+        super().__init__()
+        self.embeddings = Embeddings(cfg, factory)
+        self.drop = nn.Dropout(cfg.embed_dropout)
+        self.layers = nn.ModuleList(Block(cfg, i, kind, factory) for i, kind in enumerate(cfg.layer_kinds()))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
+        x = self.drop(self.embeddings(input_ids))
+        for layer in self.layers:
+            x = layer(x, cache=cache)
+        return self.ln_f(x)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, factory: LayerFactory | None = None):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.factory = factory or LayerFactory()
+        self.backbone = Backbone(cfg, self.factory)
+
+    def forward(self, input_ids: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
+        """input_ids (B, L) -> logits (B, L, padded_vocab). With a cache: the first call is the
+        prompt (convolution mode, fills the cache); later calls advance token by token."""
+        hidden = self.backbone(input_ids, cache=cache)
+        logits = self.factory.lm_logits(hidden, self.backbone.embeddings.word_embeddings)
+        if cache is not None:
+            cache.seqlen_offset += input_ids.shape[1]
+        return logits
+
+    def allocate_cache(self, batch_size: int, max_seqlen: int) -> InferenceCache:
+        return InferenceCache(batch_size=batch_size, max_seqlen=max_seqlen)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # Released-checkpoint names (h3pretrain.export.official does the work).
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        from ..export.official import to_official
+
+        return to_official(self.state_dict())
+
+    def load_official_state_dict(self, state_dict: dict) -> None:
+        from ..export.official import load_official
+
+        load_official(self, state_dict)

@@ -1,0 +1,108 @@
+"""The two state-space kernels of H3 (DESIGN.md section 1), convolution and recurrent views.
+
+ShiftSSMKernel: a state-N shift register, i.e. a learned causal FIR filter of N taps per channel.
+DiagSSMKernel:  S4D-Lin diagonal SSM with N/2 complex modes per head, bilinear discretisation.
+
+Parameters are stored with the shapes and names of the released checkpoints and stay fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Parameters that get weight decay 0 (DESIGN.md section 1); C and D are decayed.
+NO_WEIGHT_DECAY = ("log_dt", "inv_A_real", "A_imag", "B")
+
+
+class ShiftSSMKernel(nn.Module):
+    """x_t = shift(x_{t-1}) + B u_t, y_t = <C, x_t>: taps[j] = sum_m B[m] C[m + j] for j < N."""
+
+    def __init__(self, channels: int, d_state: int):
+        super().__init__()
+        self.d_state = d_state
+        B = torch.zeros(channels, d_state)
+        B[:, 0] = 1.0
+        self.B = nn.Parameter(B)
+        bound = 1.0 / math.sqrt(d_state)
+        self.C = nn.Parameter(torch.empty(1, channels, d_state).uniform_(-bound, bound))
+
+    def taps(self) -> torch.Tensor:
+        """(channels, N) FIR taps, computed directly (no FFT) in fp32."""
+        N = self.d_state
+        B, C = self.B.float(), self.C[0].float()
+        # windows[c, j, m] = C[c, m + j] (zero past N)
+        windows = F.pad(C, (0, N)).unfold(-1, N, 1)[:, :N]
+        return torch.einsum("cm,cjm->cj", B, windows)
+
+
+class DiagSSMKernel(nn.Module):
+    """S4D-Lin, bilinear: K[l] = 2 Re sum_n C~_n dA_n^l, with
+    dt = exp(log_dt), A = -exp(inv_A_real) + i A_imag, dA = (1 + dt A/2) / (1 - dt A/2),
+    dB = B dt / (1 - dt A/2), C~ = C dB."""
+
+    def __init__(self, num_heads: int, d_state: int, dt_min: float = 0.001, dt_max: float = 0.1):
+        super().__init__()
+        n = d_state // 2
+        self.log_dt = nn.Parameter(torch.rand(num_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.inv_A_real = nn.Parameter(torch.full((num_heads, n), math.log(0.5)))
+        self.A_imag = nn.Parameter(math.pi * torch.arange(n, dtype=torch.float32).repeat(num_heads, 1))
+        self.B = nn.Parameter(torch.view_as_real(torch.ones(num_heads, n, dtype=torch.cfloat)).clone())
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(1, num_heads, n, dtype=torch.cfloat)).clone())
+
+    def discretize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dA, dB, C), each (H, N/2) complex64."""
+        dt = torch.exp(self.log_dt.float())[:, None]
+        A = torch.complex(-torch.exp(self.inv_A_real.float()), self.A_imag.float())
+        denom = 1.0 - dt * A / 2
+        dA = (1.0 + dt * A / 2) / denom
+        dB = torch.view_as_complex(self.B.float()) * dt / denom
+        C = torch.view_as_complex(self.C.float())[0]
+        return dA, dB, C
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """(H, length) fp32 convolution kernel.
+
+        dA^l is evaluated as exp(l log dA) with l = a*T + b split in two factors, so the complex
+        Vandermonde costs H*N*(L/T + T) memory instead of H*N*L.
+        """
+        dA, dB, C = self.discretize()
+        log_dA = torch.log(dA)  # (H, n)
+        T = max(1, math.isqrt(length))
+        blocks = -(-length // T)
+        inner = torch.exp(log_dA[:, :, None] * torch.arange(T, device=dA.device))  # (H, n, T)
+        outer = torch.exp(log_dA[:, :, None] * (T * torch.arange(blocks, device=dA.device)))  # (H, n, A)
+        coeff = (C * dB)[:, None, :] * outer.transpose(1, 2)  # (H, A, n)
+        K = 2 * torch.matmul(coeff, inner).real  # (H, A, T)
+        return K.reshape(K.shape[0], -1)[:, :length]
+
+    def final_state(self, u: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """State after a sequence: x = sum_j dA^(L-1-j) dB u_j.
+
+        u: (B, H, *inner, L) real; returns (B, H, *inner, n) complex64.
+        """
+        dA, dB, _ = self.discretize()
+        log_dA = torch.log(dA)
+        L = u.shape[-1]
+        H, n = dA.shape
+        extra = u.dim() - 3
+        state = None
+        for start in range(0, L, chunk):
+            stop = min(L, start + chunk)
+            powers = torch.exp(log_dA[:, :, None] * (L - 1 - torch.arange(start, stop, device=u.device)))
+            w = (powers * dB[:, :, None]).view(H, *([1] * extra), n, stop - start)
+            part = torch.matmul(u[..., start:stop].to(torch.cfloat), w.transpose(-1, -2))
+            state = part if state is None else state + part
+        return state
+
+    def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One recurrent step. u: (B, H, *inner) real; state (B, H, *inner, n) complex.
+        Returns y = 2 Re sum_n C_n x_n (without the D skip) and the new state."""
+        dA, dB, C = self.discretize()
+        extra = u.dim() - 2
+        shape = (dA.shape[0],) + (1,) * extra + (dA.shape[1],)
+        state = dA.view(shape) * state + dB.view(shape) * u.to(torch.cfloat)[..., None]
+        y = 2 * (C.view(shape) * state).sum(-1).real
+        return y, state

@@ -1,0 +1,43 @@
+"""A model directory: `model.safetensors` (weights, HybridLM names) + `config.json` (ModelConfig).
+
+Loading never runs code from the files: safetensors for tensors, JSON for metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, from_dict, to_dict
+from .export.official import check_state_dict
+from .model import HybridLM
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def save_model_dir(model: HybridLM, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "producer": "h3pretrain"})
+    os.replace(tmp, out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps({"model": to_dict(model.config)}, indent=2) + "\n")
+    return out
+
+
+def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> HybridLM:
+    path = Path(path)
+    for name in (WEIGHTS, CONFIG):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a model directory: {name} is missing")
+    cfg = from_dict(ModelConfig, json.loads((path / CONFIG).read_text())["model"], "config.json:model")
+    with torch.device("meta"):
+        model = HybridLM(cfg)
+    state = load_file(str(path / WEIGHTS), device=str(device))
+    check_state_dict(model, state, str(path / WEIGHTS))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()

@@ -1,0 +1,75 @@
+"""Pure-PyTorch reference for the H3 mixer's convolution section.
+
+Everything here runs in fp32 whatever the input dtype (autocast is switched off inside), with FFT
+size >= 2L so the circular FFT convolution equals the causal linear one. The fused kernels in this
+package are tested against these functions.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def fft_size(length: int) -> int:
+    """Smallest power of two >= 2 * length (linear, not circular, convolution)."""
+    return 1 << max(1, (2 * length - 1).bit_length())
+
+
+def causal_conv(u: torch.Tensor, kernel: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """y[..., t] = sum_{s<=t} kernel[..., s] * u[..., t-s]  (+ skip * u), in fp32.
+
+    u: (..., L); kernel: (..., Lk) broadcastable against u, zero-padded or truncated to L;
+    skip: broadcastable against u, or None.
+    """
+    L = u.shape[-1]
+    u = u.float()
+    kernel = kernel.float()
+    if kernel.shape[-1] > L:
+        kernel = kernel[..., :L]
+    n = fft_size(L)
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(kernel, n=n), n=n)[..., :L]
+    if skip is not None:
+        y = y + u * skip.float()
+    return y
+
+
+def h3_conv_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shift_taps: torch.Tensor,
+    shift_skip: torch.Tensor,
+    ssm_kernel: torch.Tensor,
+    ssm_skip: torch.Tensor,
+    head_dim: int,
+) -> torch.Tensor:
+    """The convolution section of an H3 mixer (DESIGN.md section 1, steps 2-5).
+
+    q, k, v: (B, L, D) projections, channel c = h * head_dim + d (head-major).
+    shift_taps: (D, N) FIR taps of the shift SSM; shift_skip: (D,).
+    ssm_kernel: (H, L') diagonal-SSM kernel (L' >= L); ssm_skip: (H,).
+    Returns (B, L, D) in q's dtype:
+        k' = shift_taps * k + shift_skip * k
+        kv[h, d1, d2] = k'[h, d1] * v[h, d2]
+        y = ssm_kernel[h] * kv + ssm_skip[h] * kv
+        out[h, d2] = sum_d1 q[h, d1] * y[h, d1, d2]
+    """
+    B, L, D = q.shape
+    hd = head_dim
+    H = D // hd
+    out_dtype = q.dtype
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        k = causal_conv(k.transpose(1, 2), shift_taps, shift_skip[:, None])  # (B, D, L)
+        v = v.transpose(1, 2).float()
+        kv = k.view(B, H, hd, 1, L) * v.view(B, H, 1, hd, L)  # (B, H, d1, d2, L)
+        y = causal_conv(kv, ssm_kernel[:, None, None, :], ssm_skip[:, None, None, None])
+        qf = q.transpose(1, 2).float().view(B, H, hd, 1, L)
+        out = (qf * y).sum(dim=2)  # (B, H, d2, L)
+        out = out.reshape(B, D, L).transpose(1, 2)
+    return out.to(out_dtype)
+
+
+def pad_taps(taps: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad (or cut) FIR taps to `length` along the last axis."""
+    n = taps.shape[-1]
+    return taps[..., :length] if n >= length else F.pad(taps, (0, length - n))
