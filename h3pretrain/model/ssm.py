@@ -93,7 +93,7 @@ class DiagSSMKernel(nn.Module):
             stop = min(L, start + chunk)
             powers = torch.exp(log_dA[:, :, None] * (L - 1 - torch.arange(start, stop, device=u.device)))
             w = (powers * dB[:, :, None]).view(H, *([1] * extra), n, stop - start)
-            part = torch.matmul(u[..., start:stop].to(torch.cfloat), w.transpose(-1, -2))
+            part = torch.matmul(u[..., None, start:stop].to(torch.cfloat), w.transpose(-1, -2)).squeeze(-2)
             state = part if state is None else state + part
         return state
 

@@ -1,0 +1,119 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from h3pretrain.generate import generate
+from h3pretrain.model import HybridLM
+from h3pretrain.model.ssm import NO_WEIGHT_DECAY
+
+
+def _model(**overrides) -> HybridLM:
+    model = HybridLM(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # non-trivial shift B and SSM parameters so that every term matters
+        for layer in model.backbone.layers:
+            if hasattr(layer.mixer, "shift_kernel"):
+                layer.mixer.shift_kernel.B.add_(0.3 * torch.randn_like(layer.mixer.shift_kernel.B))
+    return model
+
+
+@pytest.mark.parametrize("head_dim", [1, 8])
+def test_causal(head_dim):
+    model = _model(ssm_head_dim=head_dim)
+    ids = torch.randint(0, 97, (2, 40))
+    t = 23
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 1) % 97
+    with torch.no_grad():
+        a, b = model(ids), model(changed)
+    # FFT convolution mixes rounding noise of later inputs into earlier outputs; nothing more.
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-5)
+    assert (a[:, t:] - b[:, t:]).abs().amax(dim=-1).min() > 1e-3  # every later position reacts
+
+
+@pytest.mark.parametrize("head_dim", [1, 8])
+def test_convolution_mode_equals_recurrent_mode(head_dim):
+    model = _model(ssm_head_dim=head_dim, attn_rotary_dim=4)
+    ids = torch.randint(0, 97, (3, 48))
+    prompt = 17
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_cache(3, 48)
+        parts = [model(ids[:, :prompt], cache=cache)]
+        for t in range(prompt, 48):
+            parts.append(model(ids[:, t : t + 1], cache=cache))
+    stepped = torch.cat(parts, dim=1)
+    assert cache.seqlen_offset == 48
+    scale = full.abs().max()
+    torch.testing.assert_close(stepped / scale, full / scale, rtol=0, atol=1e-5)
+
+
+def test_recurrent_state_is_constant_size():
+    model = _model()
+    sizes = []
+    with torch.no_grad():
+        for L in (5, 60):
+            cache = model.allocate_cache(1, L + 1)
+            model(torch.randint(0, 97, (1, L)), cache=cache)
+            sizes.append(sum(t.numel() for i, s in cache.layers.items() if i != 1 for t in s.values()))
+    assert sizes[0] == sizes[1]  # H3 layers: independent of context length
+
+
+@pytest.mark.parametrize("head_dim", [1, 8])
+def test_greedy_decoding_equals_argmax_of_full_forward(head_dim):
+    model = _model(ssm_head_dim=head_dim, vocab_size=90)  # 90 -> padded 96: padding never sampled
+    prompt = torch.randint(0, 90, (2, 11))
+    out = generate(model, prompt, max_new_tokens=12)
+    assert out.shape == (2, 23) and torch.equal(out[:, :11], prompt)
+    with torch.no_grad():
+        logits = model(out)[:, :, :90]
+    assert torch.equal(out[:, 11:], logits[:, 10:-1].argmax(-1))
+
+
+def test_every_parameter_gets_a_gradient():
+    model = _model(ssm_head_dim=2).train()
+    ids = torch.randint(0, 97, (2, 30))
+    logits = model(ids)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert missing == []
+
+
+def test_ssm_parameters_stay_fp32_under_bf16_autocast():
+    model = _model().train()
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    assert logits.dtype == torch.bfloat16  # the matmuls did run in bf16
+    loss.backward()
+    ssm = [(n, p) for n, p in model.named_parameters() if "_kernel." in n or n.endswith((".D", "ssm_k_D"))]
+    assert len(ssm) == 2 * 9  # two H3 layers x (shift B, C, ssm_k_D, log_dt, inv_A_real, A_imag, B, C, D)
+    for name, p in ssm:
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+    # and the bf16 result stays close to fp32
+    with torch.no_grad():
+        ref = model.eval()(ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(ids)
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_no_weight_decay_names_cover_the_ssm_parameters():
+    model = _model()
+    names = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY
+             and "_kernel." in n]
+    # per H3 layer: shift B, diag log_dt, inv_A_real, A_imag, B
+    assert len(names) == 2 * 5
+
+
+def test_init_follows_gpt2_rescaling():
+    cfg = tiny_config(n_layer=8, attn_layer_idx=[3], d_model=256)
+    model = HybridLM(cfg)
+    std = lambda n: dict(model.named_parameters())[n].std().item()  # noqa: E731
+    assert std("backbone.layers.0.mlp.fc2.weight") == pytest.approx(0.02 / 4, rel=0.05)
+    assert std("backbone.layers.3.mixer.out_proj.weight") == pytest.approx(0.02 / 4, rel=0.05)
+    assert std("backbone.layers.0.mixer.output_linear.weight") == pytest.approx(0.02, rel=0.05)
+    assert std("backbone.layers.0.mixer.q_proj.weight") == pytest.approx(0.02, rel=0.05)
+    assert std("backbone.embeddings.word_embeddings.weight") == pytest.approx(0.02, rel=0.05)
+    assert dict(model.named_parameters())["backbone.layers.0.mixer.q_proj.bias"].abs().max() == 0
+    assert not any("position" in n for n, _ in model.named_parameters())
