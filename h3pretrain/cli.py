@@ -5,6 +5,7 @@ Heavy imports (torch, deepspeed, megatron) happen inside the subcommands, so `--
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -43,6 +44,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prep(args: argparse.Namespace) -> int:
+    import logging
+
+    from data_prep.prep import PrepError, PrepSettings, prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    settings = PrepSettings(inputs=args.inputs, out=args.out, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                            tokenizer=args.tokenizer, tokenizer_sample_mb=args.tokenizer_sample_mb,
+                            val_fraction=args.val_fraction, samples_per_shard=args.samples_per_shard,
+                            pile_sets=args.pile_set or None, workers=args.workers)
+    try:
+        prepare(settings, progress=not args.quiet)
+    except PrepError as err:
+        print(f"h3pretrain prep: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="h3pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -54,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
                    help="override a model field, e.g. --set attn_rotary_dim=64 (repeatable)")
     p.set_defaults(func=_import_h3)
+
+    p = sub.add_parser("prep", help="Pile-format text -> tokenizer + webdataset token shards (resumable)")
+    p.add_argument("inputs", nargs="+", help="*.jsonl.zst / *.jsonl / *.txt files or directories")
+    p.add_argument("--out", required=True, help="output directory (shards, manifest.json, tokenizer.model)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (+1 stored for the target)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary size when training one")
+    p.add_argument("--tokenizer", help="use this SentencePiece .model instead of training one")
+    p.add_argument("--tokenizer-sample-mb", type=float, default=200.0, help="text to train the tokenizer on")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="documents hashed into the val split")
+    p.add_argument("--samples-per-shard", type=int, default=8192)
+    p.add_argument("--pile-set", action="append", help="keep only this meta.pile_set_name (repeatable)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_prep)
 
     p = sub.add_parser("info", help="print a preset's config, layer pattern and parameter count")
     p.add_argument("--preset", default="125m")

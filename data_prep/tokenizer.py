@@ -1,0 +1,87 @@
+"""SentencePiece BPE tokenizer: train on a sample of documents, or load an existing model.
+
+Lossless by construction: identity normalisation, no dummy prefix, whitespace kept, byte fallback,
+so decode(encode(text)) == text for any UTF-8 text.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+MAX_SENTENCE_BYTES = 8192
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _training_pieces(docs: Iterable[str]) -> Iterator[str]:
+    """SentencePiece drops "sentences" longer than its limit: feed documents as line groups."""
+    for doc in docs:
+        piece: list[str] = []
+        size = 0
+        for line in doc.splitlines(keepends=True):
+            n = len(line.encode("utf-8"))
+            if size + n > MAX_SENTENCE_BYTES and piece:
+                yield "".join(piece)
+                piece, size = [], 0
+            piece.append(line[: MAX_SENTENCE_BYTES // 4] if n > MAX_SENTENCE_BYTES else line)
+            size += min(n, MAX_SENTENCE_BYTES)
+        if piece:
+            yield "".join(piece)
+
+
+def train_tokenizer(docs: Iterable[str], out: Path, vocab_size: int, threads: int = 1) -> Path:
+    """Train a byte-fallback BPE model on `docs`; writes `out` atomically (".model")."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="spm-", dir=out.parent) as tmp:
+        _train(docs, os.path.join(tmp, "tokenizer"), vocab_size, threads)
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(Path(tmp, "tokenizer.model").read_bytes())
+    # The file records where and with how many threads it was trained; the vocabulary does not
+    # depend on either, so fix them and keep the bytes (and the tokenizer hash) reproducible.
+    proto.trainer_spec.model_prefix = "tokenizer"
+    proto.trainer_spec.num_threads = 1
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_bytes(proto.SerializeToString())
+    os.replace(tmp_out, out)
+    return out
+
+
+def _train(docs: Iterable[str], tmp_prefix: str, vocab_size: int, threads: int) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_pieces(docs),
+        model_prefix=tmp_prefix,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        max_sentence_length=MAX_SENTENCE_BYTES,
+        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+        num_threads=threads,
+        minloglevel=2,
+    )
+
+
+def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    return spm.SentencePieceProcessor(model_file=str(path))

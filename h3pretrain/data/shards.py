@@ -1,0 +1,191 @@
+"""Random access to prepared token shards, and an exact, resumable sample order.
+
+Every sample has a global index in its split. The order of an epoch is a permutation drawn from
+(seed, epoch): the shards in a shuffled order, and the samples of each shard shuffled, so reads
+stay within one or two shards at a time. Position p of the stream (p = samples consumed by all
+data-parallel ranks together) maps to (epoch = p // N, p % N), so any position can be resumed
+without replaying anything, and with any number of data-parallel ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SUPPORTED_FORMAT = "h3pretrain-shards-v1"
+
+
+class ShardError(RuntimeError):
+    """A shard that is missing, truncated or altered; the message names it."""
+
+
+@dataclass
+class Manifest:
+    root: Path
+    data: dict
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Manifest":
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{root} has no manifest.json: run `h3pretrain prep` first "
+                                    "(or it was interrupted; re-run it with the same arguments)")
+        data = json.loads(path.read_text())
+        if data.get("format") != SUPPORTED_FORMAT:
+            raise ShardError(f"{path}: unsupported format {data.get('format')!r}")
+        return cls(root, data)
+
+    @property
+    def sample_tokens(self) -> int:
+        return self.data["sample_tokens"]
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.data["tokenizer"]["sha256"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.data["tokenizer"]["vocab_size"]
+
+    def shards(self, split: str) -> list[dict]:
+        if split not in self.data["splits"]:
+            raise KeyError(f"no split {split!r} in {self.root}")
+        return self.data["splits"][split]["shards"]
+
+
+class ShardReader:
+    """Reads samples by global index; each shard is checked (size, sha256) when first opened."""
+
+    def __init__(self, manifest: Manifest, split: str = "train", cache_shards: int = 2):
+        self.manifest, self.split = manifest, split
+        self.shards = manifest.shards(split)
+        if not self.shards:
+            raise ShardError(f"{manifest.root}: split {split!r} has no samples")
+        self.counts = np.array([s["samples"] for s in self.shards])
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self._cache: dict[int, np.ndarray] = {}
+        self._cache_order: list[int] = []
+        self.cache_shards = cache_shards
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def shard_samples(self, shard: int) -> np.ndarray:
+        if shard not in self._cache:
+            self._cache[shard] = self._load(shard)
+            self._cache_order.append(shard)
+            if len(self._cache_order) > self.cache_shards:
+                self._cache.pop(self._cache_order.pop(0))
+        return self._cache[shard]
+
+    def _load(self, shard: int) -> np.ndarray:
+        info = self.shards[shard]
+        path = self.manifest.root / info["name"]
+        if not path.is_file():
+            raise ShardError(f"shard {path} is missing")
+        data = path.read_bytes()
+        if len(data) != info["bytes"]:
+            raise ShardError(f"shard {path} is truncated or altered: {len(data)} bytes, manifest says {info['bytes']}")
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise ShardError(f"shard {path} is corrupt: sha256 differs from the manifest")
+        out = np.empty((info["samples"], self.manifest.sample_tokens), dtype=np.int64)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = [m for m in tar.getmembers() if m.name.endswith(".tokens.npy")]
+            if len(members) != info["samples"]:
+                raise ShardError(f"shard {path} holds {len(members)} samples, manifest says {info['samples']}")
+            for j, m in enumerate(members):
+                out[j] = np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False)
+        return out
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        shard = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return self.shard_samples(shard)[index - self.starts[shard]]
+
+
+class SampleOrder:
+    """Global position -> global sample index; a fresh permutation every epoch."""
+
+    def __init__(self, counts: np.ndarray, seed: int, shuffle: bool = True):
+        self.counts, self.seed, self.shuffle = np.asarray(counts), seed, shuffle
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)])
+        self.total = int(self.starts[-1])
+        self._epoch: int | None = None
+
+    def _prepare(self, epoch: int) -> None:
+        if self._epoch == epoch:
+            return
+        n = len(self.counts)
+        rng = np.random.default_rng([self.seed, epoch])
+        self._shard_order = rng.permutation(n) if self.shuffle else np.arange(n)
+        self._order_starts = np.concatenate([[0], np.cumsum(self.counts[self._shard_order])])
+        self._inner: dict[int, np.ndarray] = {}
+        self._epoch = epoch
+
+    def __call__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.total)
+        self._prepare(epoch)
+        k = int(np.searchsorted(self._order_starts, offset, side="right") - 1)
+        shard = int(self._shard_order[k])
+        within = offset - int(self._order_starts[k])
+        if self.shuffle:
+            if shard not in self._inner:
+                if len(self._inner) > 4:
+                    self._inner.clear()
+                self._inner[shard] = np.random.default_rng([self.seed, epoch, shard]).permutation(int(self.counts[shard]))
+            within = int(self._inner[shard][within])
+        return int(self.starts[shard]) + within
+
+
+class TokenBatches:
+    """The batches of one data-parallel rank.
+
+    Global batch b covers stream positions [b*G, (b+1)*G); rank r of `dp` takes the contiguous
+    slice [b*G + r*G/dp, b*G + (r+1)*G/dp). `state_dict()` is the global position, so a resume
+    with another `dp` (same G) continues with exactly the samples an uninterrupted run would see.
+    """
+
+    def __init__(self, data_dir: str | Path, *, global_batch: int, dp_rank: int = 0, dp_size: int = 1,
+                 split: str = "train", seed: int = 0, shuffle: bool = True):
+        if global_batch % dp_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {dp_size} data-parallel ranks")
+        self.manifest = Manifest.load(data_dir)
+        self.reader = ShardReader(self.manifest, split)
+        self.order = SampleOrder(self.reader.counts, seed, shuffle)
+        self.global_batch, self.dp_rank, self.dp_size = global_batch, dp_rank, dp_size
+        self.position = 0
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.dp_size
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.order.total
+
+    def indices(self, position: int) -> list[int]:
+        start = position + self.dp_rank * self.local_batch
+        return [self.order(p) for p in range(start, start + self.local_batch)]
+
+    def next(self) -> torch.Tensor:
+        """(local_batch, seq_len + 1) int64 tokens; inputs are [:, :-1], targets [:, 1:]."""
+        rows = np.stack([self.reader[i] for i in self.indices(self.position)])
+        self.position += self.global_batch
+        return torch.from_numpy(rows)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.order.seed, "global_batch": self.global_batch,
+                "tokenizer_sha256": self.manifest.tokenizer_sha256}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "global_batch", "tokenizer_sha256"):
+            mine = self.state_dict()[key]
+            if state[key] != mine:
+                raise ValueError(f"data loader state was saved with {key}={state[key]!r}, this run has {mine!r}")
+        self.position = int(state["position"])
