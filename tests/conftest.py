@@ -20,3 +20,31 @@ def tiny_config(**overrides):
                 embed_dropout=0.0, attn_dropout=0.0)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def prep_settings(corpus, out, **kw):
+    from data_prep.prep import PrepSettings
+
+    base = dict(inputs=[str(corpus)], out=str(out), seq_len=64, vocab_size=1000, tokenizer_sample_mb=1.0,
+                val_fraction=0.05, samples_per_shard=16, workers=2)
+    base.update(kw)
+    return PrepSettings(**base)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """120 documents of the local corpus (Debian's Python docs, or stdlib docstrings without them)."""
+    from data_prep.corpus import build
+
+    out = tmp_path_factory.mktemp("corpus")
+    build(out, max_docs=120, files=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared(corpus, tmp_path_factory):
+    """(directory, manifest) of `corpus` prepared with seq_len 64, 16 samples per shard."""
+    from data_prep.prep import prepare
+
+    out = tmp_path_factory.mktemp("prep")
+    return out, prepare(prep_settings(corpus, out), progress=False)

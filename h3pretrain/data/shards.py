@@ -128,19 +128,33 @@ class SampleOrder:
         self._inner: dict[int, np.ndarray] = {}
         self._epoch = epoch
 
+    def _within(self, epoch: int, shard: int) -> np.ndarray:
+        if shard not in self._inner:
+            if len(self._inner) > 8:
+                self._inner.clear()
+            self._inner[shard] = np.random.default_rng([self.seed, epoch, shard]).permutation(int(self.counts[shard]))
+        return self._inner[shard]
+
+    def indices(self, positions: np.ndarray) -> np.ndarray:
+        """Vectorised: stream positions -> global sample indices."""
+        positions = np.asarray(positions, dtype=np.int64)
+        out = np.empty_like(positions)
+        epochs, offsets = np.divmod(positions, self.total)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            self._prepare(int(epoch))
+            k = np.searchsorted(self._order_starts, offsets[sel], side="right") - 1
+            shards = self._shard_order[k]
+            within = offsets[sel] - self._order_starts[k]
+            if self.shuffle:
+                for shard in np.unique(shards):
+                    m = shards == shard
+                    within[m] = self._within(int(epoch), int(shard))[within[m]]
+            out[sel] = self.starts[shards] + within
+        return out
+
     def __call__(self, position: int) -> int:
-        epoch, offset = divmod(position, self.total)
-        self._prepare(epoch)
-        k = int(np.searchsorted(self._order_starts, offset, side="right") - 1)
-        shard = int(self._shard_order[k])
-        within = offset - int(self._order_starts[k])
-        if self.shuffle:
-            if shard not in self._inner:
-                if len(self._inner) > 4:
-                    self._inner.clear()
-                self._inner[shard] = np.random.default_rng([self.seed, epoch, shard]).permutation(int(self.counts[shard]))
-            within = int(self._inner[shard][within])
-        return int(self.starts[shard]) + within
+        return int(self.indices(np.array([position]))[0])
 
 
 class TokenBatches:
@@ -171,7 +185,7 @@ class TokenBatches:
 
     def indices(self, position: int) -> list[int]:
         start = position + self.dp_rank * self.local_batch
-        return [self.order(p) for p in range(start, start + self.local_batch)]
+        return self.order.indices(np.arange(start, start + self.local_batch)).tolist()
 
     def next(self) -> torch.Tensor:
         """(local_batch, seq_len + 1) int64 tokens; inputs are [:, :-1], targets [:, 1:]."""
