@@ -9,11 +9,13 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: help setup test test-fast clean-venv
+.PHONY: help setup test test-fast corpus bench-prep clean-venv
 
 help:
 	@echo "make pretrain      set up, build a small corpus, train a tiny hybrid H3 model on CPU"
 	@echo "make test          set up and run the whole test suite"
+	@echo "make corpus        build data/corpus (Pile-format jsonl.zst from Debian's Python docs)"
+	@echo "make bench-prep    tokenization throughput -> bench/results/prep.md"
 	@echo "make setup         only create/update $(VENV)"
 
 setup: $(STAMP)
@@ -21,6 +23,21 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml launch/constraints.txt launch/setup_env.sh
 	@VENV=$(VENV) bash launch/setup_env.sh 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
 	@touch $@
+
+# Debian's python3.11-doc gives a few MB of real English reST; without it (no apt, not root) the
+# corpus falls back to the standard library's docstrings.
+DOC_SOURCES := $(firstword $(wildcard /usr/share/doc/python3.*/html/_sources))
+corpus: $(STAMP)
+	@if [ -z "$(DOC_SOURCES)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		echo "installing python3.11-doc (text for the local corpus)"; \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3.11-doc >/dev/null 2>&1 || \
+		 (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3.11-doc >/dev/null 2>&1)) \
+		|| echo "python3.11-doc unavailable: the corpus will use stdlib docstrings"; \
+	fi
+	@test -f data/corpus/corpus-00.jsonl.zst || $(PY) -m data_prep.corpus --out data/corpus
+
+bench-prep: corpus
+	$(PY) bench/prep_throughput.py
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

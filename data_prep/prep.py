@@ -28,6 +28,7 @@ import numpy as np
 import webdataset as wds
 
 from .reader import CorruptInput, file_fingerprint, find_inputs, iter_records, parse_record
+from .workers import init_worker, process_batch
 from .tokenizer import EOS_ID, load_tokenizer, sha256_file, train_tokenizer
 
 log = logging.getLogger("h3pretrain.prep")
@@ -54,37 +55,6 @@ class PrepSettings:
     pile_sets: list[str] | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     batch_records: int = 64
-
-
-# ---------------------------------------------------------------------------------------------
-# workers
-
-_SP = None
-
-
-def _worker_init(model_bytes: bytes) -> None:
-    import sentencepiece as spm
-
-    global _SP
-    _SP = spm.SentencePieceProcessor(model_proto=model_bytes)
-
-
-def _process_batch(batch: list, val_fraction: float, sets: frozenset | None) -> list:
-    """-> [(file_index, index, last_piece, skip_reason, is_val, tokens)] in input order."""
-    out, texts, slots = [], [], []
-    for item in batch:
-        if isinstance(item, tuple):  # ("corrupt", file_index, line index) from the reader
-            out.append((item[1], item[2], True, "corrupt_zst", False, None))
-            continue
-        parsed = parse_record(item, val_fraction, sets)
-        out.append([item.file_index, item.index, item.last_piece, parsed.skip, parsed.is_val, None])
-        if parsed.skip is None:
-            texts.append(parsed.text)
-            slots.append(len(out) - 1)
-    if texts:
-        for slot, ids in zip(slots, _SP.encode(texts)):
-            out[slot][5] = np.asarray(ids, dtype=np.uint32)
-    return [tuple(r) for r in out]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,14 +288,14 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
 
     ctx = get_context("spawn")  # fork after torch/threads is unsafe; spawn is the same everywhere
     model_bytes = tok_path.read_bytes()
-    with ctx.Pool(settings.workers, initializer=_worker_init, initargs=(model_bytes,)) as pool:
+    with ctx.Pool(settings.workers, initializer=init_worker, initargs=(model_bytes,)) as pool:
         in_flight: deque = deque()
         source = batches()
         exhausted = False
         while in_flight or not exhausted:
             while not exhausted and len(in_flight) < 2 * settings.workers:
                 try:
-                    in_flight.append(pool.apply_async(_process_batch, (next(source), settings.val_fraction, sets)))
+                    in_flight.append(pool.apply_async(process_batch, (next(source), settings.val_fraction, sets)))
                 except StopIteration:
                     exhausted = True
             if not in_flight:

@@ -1,0 +1,36 @@
+"""Tokenizer worker processes. Kept free of heavy imports: each worker is a fresh (spawned)
+interpreter, and this module is all it imports besides numpy, sentencepiece and the reader."""
+from __future__ import annotations
+
+import numpy as np
+
+from .reader import parse_record
+
+_SP = None
+
+
+def init_worker(model_bytes: bytes) -> None:
+    import sentencepiece as spm
+
+    global _SP
+    _SP = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+
+def process_batch(batch: list, val_fraction: float, sets: frozenset | None) -> list:
+    """-> [(file_index, index, last_piece, skip_reason, is_val, tokens)] in input order.
+
+    A ("corrupt", file_index, line) item from the reader passes through as a skipped record."""
+    out, texts, slots = [], [], []
+    for item in batch:
+        if isinstance(item, tuple):
+            out.append((item[1], item[2], True, "corrupt_zst", False, None))
+            continue
+        parsed = parse_record(item, val_fraction, sets)
+        out.append([item.file_index, item.index, item.last_piece, parsed.skip, parsed.is_val, None])
+        if parsed.skip is None:
+            texts.append(parsed.text)
+            slots.append(len(out) - 1)
+    if texts:
+        for slot, ids in zip(slots, _SP.encode(texts, num_threads=1)):
+            out[slot][5] = np.asarray(ids, dtype=np.uint32)
+    return [tuple(r) for r in out]
