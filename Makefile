@@ -39,7 +39,7 @@ corpus: $(STAMP)
 bench-prep: corpus
 	$(PY) bench/prep_throughput.py
 
-test: $(STAMP)
+test: $(STAMP) corpus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

@@ -62,6 +62,14 @@ def _prep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import Config, apply_overrides, load_yaml
+    from .train.loop import train
+
+    cfg = load_yaml(args.config, args.set) if args.config else apply_overrides(Config(), args.set)
+    return train(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="h3pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prep)
+
+    p = sub.add_parser("train", help="train (or resume) a model; launch with torchrun for several processes")
+    p.add_argument("--config", help="YAML config (launch/configs/*.yaml); fields not given keep their defaults")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config field, e.g. --set train.lr=3e-4 (repeatable)")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("info", help="print a preset's config, layer pattern and parameter count")
     p.add_argument("--preset", default="125m")

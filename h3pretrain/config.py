@@ -103,10 +103,50 @@ def preset(name: str) -> ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    path: str = "data/shards"  # a directory written by `h3pretrain prep`
+    seed: int = 1234  # sample order: a fresh permutation per epoch from (seed, epoch)
+    eval_split: str = "val"
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "checkpoints/run"
+    steps: int = 1000
+    global_batch: int = 8  # sequences per optimizer step, all data-parallel ranks together
+    micro_batch: int = 4  # sequences per forward/backward on one rank (gradient accumulation fills the rest)
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "bf16"  # "bf16" (autocast; parameters, SSMs and optimizer in fp32) or "fp32"
+    zero_stage: int = 1
+    optimizer: str = "auto"  # auto | torch | apex | deepspeed (fused Adam where available)
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    keep_last: int = 3
+    resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | <checkpoint dir>
+    hash_checkpoints: bool = True  # sha256 of every checkpoint file in its manifest
+    mlflow: bool = True
+    mlflow_uri: str = ""  # default: sqlite database inside run_dir
+    experiment: str = "h3pretrain"
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = from the GPU name (nothing on CPU)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
+
+
+@dataclass
 class Config:
-    """The whole run's configuration. Sections are added as the system grows."""
+    """The whole run's configuration."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +163,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return from_dict(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -140,6 +184,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp in (int, str, bool) and type(value) is tp:

@@ -187,11 +187,15 @@ class TokenBatches:
         start = position + self.dp_rank * self.local_batch
         return self.order.indices(np.arange(start, start + self.local_batch)).tolist()
 
+    def batch_at(self, position: int) -> torch.Tensor:
+        """This rank's part of the global batch starting at stream `position`:
+        (local_batch, seq_len + 1) int64 tokens; inputs are [:, :-1], targets [:, 1:]."""
+        return torch.from_numpy(np.stack([self.reader[i] for i in self.indices(position)]))
+
     def next(self) -> torch.Tensor:
-        """(local_batch, seq_len + 1) int64 tokens; inputs are [:, :-1], targets [:, 1:]."""
-        rows = np.stack([self.reader[i] for i in self.indices(self.position)])
+        batch = self.batch_at(self.position)
         self.position += self.global_batch
-        return torch.from_numpy(rows)
+        return batch
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.order.seed, "global_batch": self.global_batch,

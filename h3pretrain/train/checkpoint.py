@@ -1,0 +1,170 @@
+"""Checkpoints: one directory per step, written under a temporary name and renamed when complete.
+
+    run_dir/checkpoints/
+        step-00000100/
+            ds/                     DeepSpeed: module + ZeRO optimizer shards + LR scheduler
+            rng/rank-00000.pt        torch CPU/CUDA RNG states per rank (tensors only)
+            trainer_state.json       step, tokens seen, data-loader position, layout, config
+            manifest.json            every file with its size (and sha256): written last
+        latest                       name of the newest complete checkpoint: updated after the rename
+
+A directory is complete only if its manifest exists and every file matches it; `find_resumable`
+walks from `latest` (then from the newest step down) and skips anything torn, with a warning.
+Every torch.load here and in DeepSpeed's reader runs with weights_only=True.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("h3pretrain.checkpoint")
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _broadcast(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state[k] for k in sorted(state) if k.startswith("cuda")])
+
+
+class CheckpointManager:
+    def __init__(self, root: str | Path, keep_last: int = 3, hash_files: bool = True):
+        self.root = Path(root)
+        self.keep_last, self.hash_files = keep_last, hash_files
+
+    # ---- writing --------------------------------------------------------------------------
+
+    def save(self, engine, step: int, trainer_state: dict) -> Path:
+        """Collective: every rank calls it. Returns the final directory."""
+        name = f"step-{step:08d}"
+        final, tmp = self.root / name, self.root / (name + ".tmp")
+        if _rank() == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+        _barrier()
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        torch.save(rng_state(), tmp / "rng" / f"rank-{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            _write_text_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1, sort_keys=True))
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {"step": step, "files": {str(p.relative_to(tmp)): {
+                "bytes": p.stat().st_size, **({"sha256": _sha256(p)} if self.hash_files else {})} for p in files}}
+            _write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+            if final.exists():  # a re-save of the same step (after a resume)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_text_atomic(self.root / "latest", name + "\n")
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(self._step_dirs(), reverse=True)
+        for _, path in steps[self.keep_last:]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _step_dirs(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        return [(int(m.group(1)), p) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def verify(self, path: Path) -> str | None:
+        """None if `path` is a complete checkpoint, else what is wrong with it."""
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            return "no manifest.json (the write did not finish)"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            return f"manifest.json unreadable: {err}"
+        for rel, meta in manifest["files"].items():
+            f = path / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            if f.stat().st_size != meta["bytes"]:
+                return f"{rel} has {f.stat().st_size} bytes, manifest says {meta['bytes']}"
+            if "sha256" in meta and _sha256(f) != meta["sha256"]:
+                return f"{rel} does not match its sha256"
+        return None
+
+    def find_resumable(self) -> Path | None:
+        """Collective. The newest complete checkpoint, preferring the one `latest` names."""
+        choice = None
+        if _rank() == 0:
+            candidates = [p for _, p in sorted(self._step_dirs(), reverse=True)]
+            pointer = self.root / "latest"
+            if pointer.is_file():
+                named = self.root / pointer.read_text().strip()
+                if named in candidates:
+                    candidates.remove(named)
+                    candidates.insert(0, named)
+            for path in candidates:
+                problem = self.verify(path)
+                if problem is None:
+                    choice = str(path)
+                    break
+                log.warning("skipping checkpoint %s: %s", path, problem)
+        choice = _broadcast(choice)
+        return Path(choice) if choice else None
+
+    def load(self, engine, path: Path) -> dict:
+        """Collective. Restores engine (model, optimizer, scheduler) and this rank's RNG."""
+        load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {path}/ds")
+        rng_file = path / "rng" / f"rank-{_rank():05d}.pt"
+        if rng_file.is_file():  # absent when resuming under another number of ranks
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,134 @@
+"""FLOP model for MFU, and the run's outputs: mlflow, a JSONL log, a one-line progress display."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ModelConfig, to_dict
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3x forward), no recomputation.
+
+    - every matmul weight (q/k/v/output_linear, Wqkv/out_proj, fc1/fc2, tied LM head):
+      2 FLOPs per weight per token forward;
+    - attention scores and weighted sum: 2 * 2 * L * d_model per token forward (full L x L,
+      the PaLM convention, not discounted for causality);
+    - H3 long convolutions, FFT size n = 2L: a real FFT of the input and an inverse FFT,
+      2 * 2.5 n log2 n, plus 6 n for the complex product, per channel and sequence, i.e.
+      (5 n log2 n + 6 n) / L per channel and token; the shift SSM convolves d_model channels and
+      the diagonal SSM H * head_dim^2 = d_model * head_dim channels. Kernel generation and
+      elementwise products are ignored (O(d_model) per token).
+    """
+    D, L, V = cfg.d_model, seq_len, cfg.padded_vocab_size
+    kinds = cfg.layer_kinds()
+    n_attn = kinds.count("attention")
+    n_h3 = len(kinds) - n_attn
+    mlp = 2 * D * cfg.mlp_ratio * D
+    weights = n_h3 * 4 * D * D + n_attn * 4 * D * D + cfg.n_layer * mlp + V * D
+    fwd = 2 * weights
+    fwd += n_attn * 4 * L * D
+    n = 2 * L
+    conv_per_channel = (5 * n * math.log2(n) + 6 * n) / L
+    fwd += n_h3 * conv_per_channel * (D + D * cfg.ssm_head_dim)
+    return 3 * fwd
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0}
+
+
+def peak_tflops(configured: float) -> float:
+    if configured > 0:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
+            if key in name:
+                return PEAK_BF16_TFLOPS[key]
+    return 0.0
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+    return out
+
+
+class Tracker:
+    """Rank 0 only: mlflow (params once, metrics per logged step), metrics.jsonl, progress line."""
+
+    def __init__(self, cfg: Config, run_dir: Path, total_steps: int):
+        self.run_dir, self.total_steps = run_dir, total_steps
+        self.jsonl = open(run_dir / "metrics.jsonl", "a")
+        self.t_start = time.time()
+        self.client = self.run_id = None
+        if cfg.train.mlflow:
+            self._start_mlflow(cfg)
+
+    def _start_mlflow(self, cfg: Config) -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        uri = cfg.train.mlflow_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').absolute()}"
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        id_file = self.run_dir / "mlflow_run_id"
+        if id_file.is_file():  # a resumed run continues the same mlflow run
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        exp = self.client.get_experiment_by_name(cfg.train.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(cfg.train.experiment)
+        run = self.client.create_run(exp_id, run_name=self.run_dir.name)
+        self.run_id = run.info.run_id
+        params = _flatten(to_dict(cfg))
+        items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        id_file.write_text(self.run_id + "\n")
+
+    def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
+        record = {"step": step, "kind": kind, "time": round(time.time(), 3), **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            prefix = "" if kind == "train" else f"{kind}/"
+            self.client.log_batch(self.run_id, metrics=[Metric(prefix + k, float(v), now, step)
+                                                         for k, v in metrics.items() if v == v])
+
+    def progress(self, step: int, m: dict[str, float]) -> None:
+        elapsed = time.time() - self.t_start
+        parts = [f"step {step}/{self.total_steps}", f"loss {m['loss']:.4f}", f"lr {m['lr']:.2e}",
+                 f"gnorm {m['grad_norm']:.3f}", f"{m['tokens_per_s'] / 1e3:,.1f}k tok/s"]
+        if m.get("mfu", 0) > 0:
+            parts.append(f"mfu {100 * m['mfu']:.1f}%")
+        parts.append(f"mem {m['memory_gb']:.2f} GB")
+        parts.append(f"{elapsed:,.0f}s")
+        print(" | ".join(parts), flush=True, file=sys.stdout)
+
+    def close(self, status: str) -> None:
+        self.jsonl.close()
+        if self.client is not None:
+            self.client.set_terminated(self.run_id, status=status)
