@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: help setup test test-fast corpus bench-prep clean-venv
+.PHONY: help setup test test-fast corpus pretrain bench-prep clean-venv
 
 help:
 	@echo "make pretrain      set up, build a small corpus, train a tiny hybrid H3 model on CPU"
@@ -35,6 +35,15 @@ corpus: $(STAMP)
 		|| echo "python3.11-doc unavailable: the corpus will use stdlib docstrings"; \
 	fi
 	@test -f data/corpus/corpus-00.jsonl.zst || $(PY) -m data_prep.corpus --out data/corpus
+
+# A tiny hybrid H3 (4 layers, one attention) on the local corpus, on CPU. Re-running resumes.
+TINY_DATA := data/shards-tiny
+pretrain: corpus
+	$(PY) -m h3pretrain.cli prep data/corpus --out $(TINY_DATA) --seq-len 256 --vocab-size 4096 \
+		--samples-per-shard 512 --tokenizer-sample-mb 20
+	$(PY) -m h3pretrain.cli train --config launch/configs/tiny.yaml
+	@echo "checkpoints: checkpoints/tiny/checkpoints   log: checkpoints/tiny/metrics.jsonl"
+	@echo "mlflow ui --backend-store-uri sqlite:///$(abspath checkpoints/tiny/mlflow.db)"
 
 bench-prep: corpus
 	$(PY) bench/prep_throughput.py
