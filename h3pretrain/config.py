@@ -157,7 +157,7 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel (megatron-core layers; whole SSM heads per rank)
     pp: int = 1  # pipeline stages
     virtual_pp: int = 1  # model chunks per stage (interleaved 1F1B when > 1)
-    cp: int = 1  # context parallel (reserved: sequences sharded over ranks)
+    cp: int = 1  # context parallel: every sequence split into cp pieces, one per rank
     sequence_parallel: bool = False  # shard LayerNorm/dropout regions over the sequence (needs tp > 1)
 
 

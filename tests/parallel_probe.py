@@ -1,9 +1,9 @@
 """Run under torchrun by tests/test_parallel.py: a few optimizer steps of a small hybrid model under
-one (TP, PP, DP) layout on fixed random batches. The first TP/DP rank of every stage writes that
+one (TP, PP, CP, DP) layout on fixed random batches. The first TP/DP rank of every stage writes that
 stage's full gradients of each step and its final weights; rank 0 writes the losses.
 
-    torchrun --nproc_per_node=N tests/parallel_probe.py OUT tp=2 pp=1 virtual_pp=1 head_dim=1 zero=1 layers=3 \
-        [save=DIR | load=DIR]
+    torchrun --nproc_per_node=N tests/parallel_probe.py OUT tp=2 pp=1 virtual_pp=1 cp=1 head_dim=1 zero=1 \
+        layers=3 [save=DIR | load=DIR]
 """
 import json
 import sys
@@ -14,11 +14,12 @@ import torch
 
 def main() -> None:
     out = Path(sys.argv[1])
-    args = dict(tp="1", pp="1", virtual_pp="1", head_dim="1", zero="1", layers="3", steps="3", sp="0")
+    args = dict(tp="1", pp="1", virtual_pp="1", cp="1", head_dim="1", zero="1", layers="3", steps="3", sp="0")
     args.update(a.split("=", 1) for a in sys.argv[2:])
     mode = "save" if "save" in args else "load" if "load" in args else ""
     ckpt = Path(args[mode]) if mode else None
-    tp, pp, vpp, head_dim, zero, layers = (int(args[k]) for k in ("tp", "pp", "virtual_pp", "head_dim", "zero", "layers"))
+    tp, pp, vpp, cp, head_dim, zero, layers = (int(args[k]) for k in ("tp", "pp", "virtual_pp", "cp", "head_dim",
+                                                                       "zero", "layers"))
     from h3pretrain.config import Config, ModelConfig, ParallelConfig, TrainConfig
     from h3pretrain.parallel.engine import ParallelModel
     from h3pretrain.train.loop import init_distributed
@@ -29,7 +30,7 @@ def main() -> None:
                         embed_dropout=0.0, attn_dropout=0.0)
     train = TrainConfig(global_batch=8, micro_batch=2, lr=0.02, warmup_steps=2, steps=6, precision="fp32",
                         zero_stage=zero, seed=3, grad_clip=0.5)
-    cfg = Config(model=model, train=train, parallel=ParallelConfig(tp=tp, pp=pp, virtual_pp=vpp,
+    cfg = Config(model=model, train=train, parallel=ParallelConfig(tp=tp, pp=pp, virtual_pp=vpp, cp=cp,
                                                                     sequence_parallel=args["sp"] == "1"))
     seq = 16
     pm = ParallelModel(cfg, device, seq)
@@ -40,7 +41,7 @@ def main() -> None:
     if mode == "load":
         first = 3
         pm.load(ckpt, step=first)
-    writer = lay.tp_rank == 0 and lay.dp_rank == 0
+    writer = lay.tp_rank == 0 and lay.dp_rank == 0 and lay.cp_rank == 0
     losses, norms = [], []
     for step in range(first, steps):
         local = batches[step].chunk(lay.dp)[lay.dp_rank]

@@ -104,3 +104,44 @@ def test_context_parallel_pieces_combine_to_the_whole(ssm):
     full = causal_conv(u, ssm.kernel(u.shape[-1]).view(3, 1, -1)[:, 0])
     torch.testing.assert_close(torch.cat(out, -1), full, rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("head_dim", [1, 2])
+def test_h3_conv_pieces_equal_the_whole_sequence(head_dim):
+    """What each context-parallel rank computes: its piece with the k history before it (shorter
+    pieces than the FIR's reach included) and the combined entering state; values and gradients."""
+    from flashconv.reference import h3_conv_reference
+    from flashconv.state_passing import combine_states, h3_conv_piece
+    from h3pretrain.model.ssm import DiagSSMKernel
+
+    torch.manual_seed(head_dim)
+    B, D, N, lengths = 2, 8, 8, [5, 3, 9, 6]
+    H = D // head_dim
+    diag = DiagSSMKernel(H, N)
+    with torch.no_grad():
+        diag.log_dt.fill_(-3.0)
+    q, k, v = (torch.randn(B, sum(lengths), D, requires_grad=True) for _ in range(3))
+    taps, skip, D_skip = torch.randn(D, N), torch.randn(D), torch.randn(H)
+    whole = h3_conv_reference(q, k, v, taps, skip, diag.kernel(sum(lengths)), D_skip, head_dim)
+
+    discrete = diag.discretize()
+    local_states: dict[int, torch.Tensor] = {}
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    # pass 1: each piece's final state from zero (what the all-gather collects)
+    for i, (s, T) in enumerate(zip(starts, lengths)):
+        h3_conv_piece(q[:, s:s + T], k[:, s:s + T], v[:, s:s + T], taps, skip, discrete, D_skip, head_dim,
+                      k[:, max(0, s - N + 1):s], lambda x, i=i: local_states.update({i: x}))
+    entering = combine_states([local_states[i] for i in range(len(lengths))], lengths, discrete[0])
+    pieces = [h3_conv_piece(q[:, s:s + T], k[:, s:s + T], v[:, s:s + T], taps, skip, discrete, D_skip, head_dim,
+                            k[:, max(0, s - N + 1):s] if s else None, lambda x, i=i: entering[i])
+              for i, (s, T) in enumerate(zip(starts, lengths))]
+    got = torch.cat(pieces, dim=1)
+    torch.testing.assert_close(got, whole, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(whole)
+    wrt = [q, k, v, diag.log_dt, diag.C]
+    for name, a, b in zip("q k v log_dt C".split(), torch.autograd.grad(got, wrt, g), torch.autograd.grad(whole, wrt, g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")
+    # without the entering state the later pieces are wrong: the test can tell
+    alone = h3_conv_piece(q[:, 8:17], k[:, 8:17], v[:, 8:17], taps, skip, discrete, D_skip, head_dim,
+                          k[:, 1:8], lambda x: None)
+    assert (alone - whole[:, 8:17]).abs().max() > 1e-2

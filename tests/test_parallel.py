@@ -1,4 +1,4 @@
-"""Tensor and pipeline parallelism on CPU/gloo: every layout computes the same losses, gradients and
+"""Tensor, pipeline and context parallelism on CPU/gloo: every layout computes the same losses, gradients and
 updates as one process (fp32, relative 1e-5); checkpoints reshard across layouts; the 2.7B preset's
 production layout plans on the meta device.
 
@@ -64,6 +64,11 @@ LAYOUTS = {  # name: (processes, probe arguments, reference)
     "TP2·DP2": (4, dict(tp=2, head_dim=2), "hd2"),
     "TP2-sequence-parallel": (2, dict(tp=2, sp=1, head_dim=2), "hd2"),
     "TP2·PP2-sequence-parallel": (4, dict(tp=2, pp=2, sp=1, head_dim=1), "hd1"),
+    # context parallel: 16 tokens in pieces of 8 / 4 (the shift FIR reaches 7 back: over 2 ranks)
+    "CP2": (2, dict(cp=2, head_dim=2), "hd2"),
+    "CP4": (4, dict(cp=4, head_dim=1), "hd1"),
+    "TP2·CP2-sequence-parallel": (4, dict(tp=2, cp=2, sp=1, head_dim=1), "hd1"),
+    "PP2·CP2": (4, dict(pp=2, cp=2, head_dim=1), "hd1"),
 }
 
 
@@ -95,6 +100,7 @@ def test_layout_matches_one_process(one_process, tmp_path, layout):
     ((4, dict(tp=2, pp=2)), (4, dict())),  # TP2·PP2 -> TP1·PP1·DP4
     ((4, dict()), (4, dict(tp=2, pp=2))),  # and back
     ((2, dict(pp=2, zero=1)), (2, dict(zero=3))),  # PP2 ZeRO-1 -> DP2 ZeRO-3
+    ((4, dict(tp=2, cp=2)), (2, dict(cp=2, zero=3))),  # TP2·CP2 -> CP2 ZeRO-3
 ])
 def test_checkpoint_reshards_across_layouts(one_process, tmp_path, first, second):
     ckpt = tmp_path / "ckpt"

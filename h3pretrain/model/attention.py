@@ -47,6 +47,7 @@ class CausalSelfAttention(nn.Module):
         if d_model % num_heads:
             raise ValueError(f"d_model {d_model} is not a multiple of num_heads {num_heads}")
         self.layer_idx = layer_idx
+        self.context = factory.context
         self.head_dim = d_model // num_heads
         self.num_heads = factory.local(num_heads, "attention heads")
         self.dropout = dropout
@@ -59,11 +60,13 @@ class CausalSelfAttention(nn.Module):
         B, L = qkv.shape[:2]
         # Column layout (three, heads, head_dim): the fused layout of the released checkpoints.
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).unbind(dim=2)
-        offset = cache.seqlen_offset if cache is not None else 0
+        offset = cache.seqlen_offset if cache is not None else self.context.offset(L) if self.context else 0
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
         dropout = self.dropout if self.training else 0.0
-        if cache is None:
+        if self.context is not None:
+            y = self.context.attention(q, k, v, dropout)
+        elif cache is None:
             y = self._attend(q, k, v, dropout)
         else:
             y = self._attend_cached(q, k, v, cache, offset)

@@ -26,6 +26,7 @@ class H3(nn.Module):
         if d_model % head_dim:
             raise ValueError(f"d_model {d_model} is not a multiple of head_dim {head_dim}")
         self.layer_idx = layer_idx
+        self.context = factory.context
         self.head_dim = head_dim
         self.d_state = d_state
         self.num_heads = factory.local(d_model // head_dim, "H3 heads")  # this rank's heads
@@ -50,8 +51,12 @@ class H3(nn.Module):
             y = y.to(q.dtype)
         else:
             L = q.shape[1]  # q, k, v are (B, L, C) whatever layout x has (sequence parallel)
-            y = flashconv.h3_conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D,
-                                  self.diag_kernel.kernel(L), self.D, self.head_dim)
+            if self.context is not None:
+                y = self.context.h3_conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D,
+                                         self.diag_kernel.discretize(), self.D, self.head_dim)
+            else:
+                y = flashconv.h3_conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D,
+                                      self.diag_kernel.kernel(L), self.D, self.head_dim)
             if cache is not None:
                 cache.layers[self.layer_idx] = self._prompt_state(k, v)
         return self.output_linear(y)

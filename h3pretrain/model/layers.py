@@ -5,7 +5,9 @@ Megatron-style role of each: `column` (output dim sharded), `row` (input dim sha
 all-reduced) or `embedding` (vocab sharded). The single-device factory returns plain torch modules.
 A tensor-parallel factory returns megatron-core's parallel layers behind the same call signature
 (input -> output tensor), and reports `tp_size` so that per-channel parameters (the SSMs) are built
-for this rank's heads only. The model's math never branches on parallelism.
+for this rank's heads only. The model's math never branches on parallelism, except where a
+context-parallel `context` (h3pretrain.parallel.context) holds only a piece of each sequence: the
+mixers then hand their sequence-mixing step to it.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ class LayerFactory:
     tp_size: int = 1
     tp_rank: int = 0
     sequence_parallel: bool = False
+    context = None  # a ContextParallel when each rank holds a piece of every sequence
 
     def linear(self, in_features: int, out_features: int, *, role: str, bias: bool = True,
                init_std: float = 0.02, fused: int = 1) -> nn.Module:

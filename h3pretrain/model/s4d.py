@@ -24,6 +24,8 @@ class S4D(nn.Module):
         factory = factory or LayerFactory()
         if factory.tp_size > 1:  # no input projection, so nothing would hand it a channel shard
             raise ValueError("the S4D baseline mixer does not support tensor parallelism")
+        if factory.context is not None:
+            raise ValueError("the S4D baseline mixer does not support context parallelism")
         self.layer_idx = layer_idx
         self.diag_kernel = DiagSSMKernel(d_model, d_state, dt_min, dt_max)  # one SSM per channel
         self.D = nn.Parameter(torch.randn(d_model))

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashconv.state_passing import final_state, ssm_kernel
+
 # Parameters that get weight decay 0 (DESIGN.md section 1); C and D are decayed.
 NO_WEIGHT_DECAY = ("log_dt", "inv_A_real", "A_imag", "B")
 
@@ -63,20 +65,8 @@ class DiagSSMKernel(nn.Module):
         return dA, dB, C
 
     def kernel(self, length: int) -> torch.Tensor:
-        """(H, length) fp32 convolution kernel.
-
-        dA^l is evaluated as exp(l log dA) with l = a*T + b split in two factors, so the complex
-        Vandermonde costs H*N*(L/T + T) memory instead of H*N*L.
-        """
-        dA, dB, C = self.discretize()
-        log_dA = torch.log(dA)  # (H, n)
-        T = max(1, math.isqrt(length))
-        blocks = -(-length // T)
-        inner = torch.exp(log_dA[:, :, None] * torch.arange(T, device=dA.device))  # (H, n, T)
-        outer = torch.exp(log_dA[:, :, None] * (T * torch.arange(blocks, device=dA.device)))  # (H, n, A)
-        coeff = (C * dB)[:, None, :] * outer.transpose(1, 2)  # (H, A, n)
-        K = 2 * torch.matmul(coeff, inner).real  # (H, A, T)
-        return K.reshape(K.shape[0], -1)[:, :length]
+        """(H, length) fp32 convolution kernel (no (H, n, L) Vandermonde: see flashconv.state_passing)."""
+        return ssm_kernel(self.discretize(), length)
 
     def final_state(self, u: torch.Tensor, chunk: int = 512) -> torch.Tensor:
         """State after a sequence: x = sum_j dA^(L-1-j) dB u_j.
@@ -84,18 +74,7 @@ class DiagSSMKernel(nn.Module):
         u: (B, H, *inner, L) real; returns (B, H, *inner, n) complex64.
         """
         dA, dB, _ = self.discretize()
-        log_dA = torch.log(dA)
-        L = u.shape[-1]
-        H, n = dA.shape
-        extra = u.dim() - 3
-        state = None
-        for start in range(0, L, chunk):
-            stop = min(L, start + chunk)
-            powers = torch.exp(log_dA[:, :, None] * (L - 1 - torch.arange(start, stop, device=u.device)))
-            w = (powers * dB[:, :, None]).view(H, *([1] * extra), n, stop - start)
-            part = torch.matmul(u[..., None, start:stop].to(torch.cfloat), w.transpose(-1, -2)).squeeze(-2)
-            state = part if state is None else state + part
-        return state
+        return final_state(u, dA, dB, chunk)
 
     def step(self, u: torch.Tensor, state: torch.Tensor,
              discrete: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from ..model import HybridLM
 from ..model.layers import LayerFactory
 from ..train.optim import build_optimizer, deepspeed_config
 from . import canonical
-from .layout import DeepSpeedMPU, Layout, initialize
+from .layout import DeepSpeedMPU, Layout, initialize, zero_group
 from .pipeline import StageModule, partition, run_schedule, schedule_config, tie_embedding_grads
 
 log = logging.getLogger("h3pretrain.parallel")
@@ -46,8 +46,10 @@ class ParallelModel:
         from megatron.core import parallel_state as ps
 
         self.tp_group = ps.get_tensor_model_parallel_group()
-        self.dp_group = ps.get_data_parallel_group()
+        self.zero_group = zero_group()
         lay = self.layout
+        if seq_len % lay.cp:
+            raise ValueError(f"sequence length {seq_len} is not divisible by parallel.cp = {lay.cp}")
         self.chunks = partition(cfg.model, lay.pp, lay.virtual_pp, seq_len)
         mine = [c for c in self.chunks if c.stage == lay.pp_rank]
         last = len(self.chunks) - 1
@@ -57,6 +59,11 @@ class ParallelModel:
             factory: LayerFactory = MegatronLayerFactory(sequence_parallel=par.sequence_parallel)
         else:
             factory = LayerFactory()
+        self.context = None
+        if lay.cp > 1:
+            from .context import ContextParallel
+
+            self.context = factory.context = ContextParallel(ps.get_context_parallel_group())
         self.models: list[HybridLM] = []
         for c in mine:
             kw = dict(layer_ids=list(c.layers), pre_process=c.index == 0, post_process=c.index == last)
@@ -80,7 +87,7 @@ class ParallelModel:
         self.local_batch = local_batch
         if lay.pp == 1:
             self.module: nn.Module = self.models[0]
-            ds = deepspeed_config(tc, lay.dp)
+            ds = deepspeed_config(tc, lay.dp, cp=lay.cp)
         else:
             sched = schedule_config(cfg.model, lay.tp, lay.pp, lay.virtual_pp, par.sequence_parallel,
                                     finalize_grads=self._finalize_grads)
@@ -88,7 +95,7 @@ class ParallelModel:
                            for m in self.models]
             self.module = nn.ModuleList(self.stages)
             # the schedule does the micro-batching: DeepSpeed sees one "micro-batch" per step
-            ds = deepspeed_config(tc, lay.dp, micro_batch=local_batch)
+            ds = deepspeed_config(tc, lay.dp, micro_batch=local_batch, cp=lay.cp)
             ds["zero_optimization"].setdefault("contiguous_gradients", False)
         optimizer, self.optimizer_name = build_optimizer(self.module, tc)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds,
@@ -125,10 +132,17 @@ class ParallelModel:
         dist.all_reduce(t)
         return float(t) / (lay.tp * lay.dp * lay.cp)
 
+    def _local(self, batch: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of the global batch -> what it computes: its piece of every sequence
+        under context parallelism (the loss is then the mean over the piece; DeepSpeed's average over
+        DP x CP makes the gradient that of the whole sequence's mean)."""
+        batch = batch.to(self.device, non_blocking=True)
+        return self.context.piece(batch) if self.context is not None else batch
+
     def train_step(self, batch: torch.Tensor, before_step=None) -> float:
         """One optimizer step on this rank's rows of the global batch; returns the global mean loss.
         before_step(): called with the reduced gradients in place, just before the update."""
-        batch = batch.to(self.device, non_blocking=True)
+        batch = self._local(batch)
         micro = list(batch.split(self.cfg.train.micro_batch))
         if self.layout.pp == 1:
             losses = []
@@ -151,7 +165,7 @@ class ParallelModel:
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> float:
-        batch = batch.to(self.device, non_blocking=True)
+        batch = self._local(batch)
         if self.layout.pp == 1:
             local = self._loss(batch).item()
         else:
@@ -174,7 +188,7 @@ class ParallelModel:
         lay = self.layout
         local = sum(p.numel() if not canonical.is_tp_sharded(p) else p.numel() * lay.tp
                     for _, p in canonical.named_params(self.models) if not getattr(p, "ds_pipe_replicated", False))
-        t = torch.tensor([local if lay.tp_rank == 0 and lay.dp_rank == 0 else 0], dtype=torch.int64, device=self.device)
+        t = torch.tensor([local if lay.tp_rank == 0 and lay.dp_rank == 0 and lay.cp_rank == 0 else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(t)
         return int(t)
 
@@ -186,12 +200,12 @@ class ParallelModel:
 
     def save(self, directory: Path) -> None:
         """Collective. model/stage-NNN.safetensors and optim/stage-NNN.safetensors, written by the
-        first TP and DP rank of each stage, plus the LR scheduler state."""
+        first TP, CP and DP rank of each stage, plus the LR scheduler state."""
         from safetensors.torch import save_file
 
         tensors = self.collect(optimizer_state=True)
         lay = self.layout
-        if lay.tp_rank == 0 and lay.dp_rank == 0:
+        if lay.tp_rank == 0 and lay.dp_rank == 0 and lay.cp_rank == 0:
             name = f"stage-{lay.pp_rank:03d}-of-{lay.pp:03d}.safetensors"
             for sub, keep in (("model", lambda k: "::" not in k), ("optim", lambda k: "::" in k)):
                 (directory / sub).mkdir(parents=True, exist_ok=True)
@@ -207,7 +221,7 @@ class ParallelModel:
         def read(name: str) -> torch.Tensor:
             return optim(name) if "::" in name else weights(name)
 
-        canonical.load(self.models, read, self.layout.tp_rank, self.layout.tp, zero_dp_group=self.dp_group)
+        canonical.load(self.models, read, self.layout.tp_rank, self.layout.tp, zero_dp_group=self.zero_group)
         _set_adam_step(self._adam, step)
         sched = self.engine.lr_scheduler
         sched.load_state_dict(torch.load(directory / "lr_scheduler.pt", weights_only=True))

@@ -19,7 +19,8 @@ class Layout:
     virtual_pp: int = 1
     tp_rank: int = 0
     pp_rank: int = 0
-    dp_rank: int = 0
+    dp_rank: int = 0  # among data-parallel replicas (the ranks of one CP group share it)
+    cp_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -43,9 +44,6 @@ def check(par: ParallelConfig, world: int) -> int:
     for name in ("tp", "pp", "virtual_pp", "cp"):
         if getattr(par, name) < 1:
             raise ValueError(f"parallel.{name} must be >= 1")
-    if par.cp > 1:
-        raise ValueError("parallel.cp > 1 (context parallelism) is not implemented yet: it comes with "
-                         "FlashConv state passing")
     model_parallel = par.tp * par.pp * par.cp
     if world % model_parallel:
         raise ValueError(f"{world} ranks do not split into tp {par.tp} x pp {par.pp} x cp {par.cp} x an integer dp")
@@ -72,12 +70,21 @@ def initialize(par: ParallelConfig) -> Layout:
         context_parallel_size=par.cp)
     return Layout(tp=par.tp, pp=par.pp, dp=dp, cp=par.cp, virtual_pp=par.virtual_pp,
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
-                  dp_rank=ps.get_data_parallel_rank())
+                  dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank())
+
+
+def zero_group():
+    """The ranks that hold the same parameters: data parallel x context parallel. DeepSpeed averages
+    gradients and partitions ZeRO state over them."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
 
 
 class DeepSpeedMPU:
     """The 'mpu' interface DeepSpeed asks for, answered by megatron-core's groups: ZeRO partitions
-    over the data-parallel group, and gradient norms add up over the model-parallel (TP x PP) group."""
+    over the data-parallel x context-parallel group (`zero_group`), and gradient norms add up over the
+    model-parallel (TP x PP) group."""
 
     def __init__(self):
         from megatron.core import parallel_state as ps
@@ -112,10 +119,10 @@ class DeepSpeedMPU:
         return self.ps.get_pipeline_model_parallel_world_size()
 
     def get_data_parallel_group(self):
-        return self.ps.get_data_parallel_group()
+        return zero_group()
 
     def get_data_parallel_rank(self):
-        return self.ps.get_data_parallel_rank()
+        return self.ps.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_world_size(self):
-        return self.ps.get_data_parallel_world_size()
+        return self.ps.get_data_parallel_world_size(with_context_parallel=True)

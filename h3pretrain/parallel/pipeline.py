@@ -124,7 +124,12 @@ def schedule_config(cfg: ModelConfig, tp: int, pp: int, virtual_pp: int, sequenc
 
 
 def _loss_func(loss: torch.Tensor):
-    return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+    # The schedule divides `loss` in place by the micro-batches and multiplies it by the CP size
+    # (megatron's own losses are sums over the piece / tokens of the whole sequence); ours is the
+    # piece's mean and DeepSpeed averages over DP x CP, so the CP factor is taken back here.
+    from megatron.core import parallel_state as ps
+
+    return loss / ps.get_context_parallel_world_size(), {"loss": loss.detach().clone()}
 
 
 def _forward_step(data_iterator, model: StageModule):
@@ -137,7 +142,10 @@ def run_schedule(chunks: list[StageModule], microbatches: list[torch.Tensor], fo
     last stage (0.0 elsewhere); gradients accumulate into the parameters' .grad."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    mb, length = microbatches[0].shape[0], microbatches[0].shape[1] - 1
+    from megatron.core import parallel_state as ps
+
+    # megatron wants the whole sequence's length and divides it by CP (and TP with sequence parallel)
+    mb, length = microbatches[0].shape[0], (microbatches[0].shape[1] - 1) * ps.get_context_parallel_world_size()
     iterators = [iter(microbatches) for _ in chunks]
     out = get_forward_backward_func()(
         forward_step_func=_forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],

@@ -51,16 +51,17 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opt
     return torch.optim.AdamW(groups, foreach=True, **kw), "torch AdamW (foreach)"
 
 
-def deepspeed_config(cfg: TrainConfig, dp_size: int, micro_batch: int | None = None) -> dict:
+def deepspeed_config(cfg: TrainConfig, dp_size: int, micro_batch: int | None = None, cp: int = 1) -> dict:
     """micro_batch: what DeepSpeed calls one micro-batch (default train.micro_batch; the local batch
-    when a pipeline schedule does the micro-batching itself)."""
+    when a pipeline schedule does the micro-batching itself). cp: context-parallel ranks, which
+    DeepSpeed counts as data-parallel ones (each holds a piece of the same sequences)."""
     micro = micro_batch or cfg.micro_batch
     local = cfg.global_batch // dp_size
     if cfg.global_batch % dp_size or local % micro:
         raise ValueError(f"global_batch {cfg.global_batch} must split into {dp_size} ranks x micro_batch "
                          f"{micro} x an integer number of accumulation steps")
     ds = {
-        "train_batch_size": cfg.global_batch,
+        "train_batch_size": cfg.global_batch * cp,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": local // micro,
         "gradient_clipping": cfg.grad_clip,
