@@ -295,3 +295,21 @@ def test_deepspeed_config_from_ours(tmp_path):
     assert ds["scheduler"]["params"]["cos_min_ratio"] == 0.1
     with pytest.raises(ValueError, match="global_batch 30"):
         deepspeed_config(TrainConfig(global_batch=30, micro_batch=4), dp_size=2)
+
+
+def test_context_parallel_run_follows_one_rank_and_resumes_exactly(prepared, one_rank_curve, tmp_path):
+    """parallel.cp = 2 through the whole loop (loader, evaluation, checkpoints): the losses of the
+    one-rank run, and a restart from its step-2 checkpoint continues bit for bit."""
+    data, _ = prepared
+    cp = dict(steps=4, eval_every=2, ckpt_every=2, **NO_DROPOUT, **{"parallel.cp": 2})
+    first = tmp_path / "cp2"
+    assert run(data, first, nproc=2, **cp) == 0
+    a, b = one_rank_curve, losses(first)
+    assert sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), s
+    state = json.loads((first / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["layout"]["cp"] == 2
+    again = tmp_path / "again"
+    assert run(data, again, nproc=2, resume=first / "checkpoints" / "step-00000002", **cp) == 0
+    assert {s: v for s, v in losses(again).items() if s > 2} == {s: b[s] for s in (3, 4)}

@@ -67,9 +67,9 @@ def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[Stage
                 if not replicated_under_tp(name):
                     sharded += p.numel()
         local = sharded // par.tp + (params - sharded)
-        state = local * 8 + local * 12 / dp
+        state = local * 8 + local * 12 / (dp * par.cp)  # ZeRO partitions over DP x CP
         in_flight = min(par.pp - stage, micro_batches) if par.pp > 1 else 1
-        tokens = tc.micro_batch * seq_len
+        tokens = tc.micro_batch * seq_len // par.cp  # this rank's piece of each sequence
         act = 0.0
         for c in mine:
             for i in c.layers:
@@ -89,7 +89,7 @@ def report(cfg: Config, world: int, seq_len: int) -> str:
     chunks, plans, dp = plan(cfg, world, seq_len)
     par = cfg.parallel
     lines = [f"layout TP{par.tp}·PP{par.pp}" + (f"(x{par.virtual_pp} virtual)" if par.virtual_pp > 1 else "") +
-             f"·DP{dp} on {world} GPUs, micro-batch {cfg.train.micro_batch} x {seq_len} tokens, "
+             (f"·CP{par.cp}" if par.cp > 1 else "") + f"·DP{dp} on {world} GPUs, micro-batch {cfg.train.micro_batch} x {seq_len} tokens, "
              f"global batch {cfg.train.global_batch}",
              "pipeline partition (training FLOPs per token):", describe(cfg.model, chunks),
              "memory per GPU (estimate; see h3pretrain/parallel/plan.py):"]
