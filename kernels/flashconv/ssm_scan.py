@@ -1,0 +1,256 @@
+"""The H3 mixer's diagonal-SSM section as one fused Triton kernel (forward and backward):
+
+    kv[h, d1, d2, t] = k'[h, d1, t] * v[h, d2, t]
+    y = SSM(kv) + D[h] * kv                  (S4D-Lin diagonal SSM, n complex modes per head)
+    out[h, d2, t] = sum_d1 q[h, d1, t] * y[h, d1, d2, t]
+
+computed as a chunked scan instead of an FFT: the sequence is cut into chunks of T positions, and
+for every chunk, with x the complex state entering it (n modes per kv channel),
+
+    y     = kv @ Toep + Re(x @ W) + D kv       Toep[s, t] = K[t - s] (t >= s), W[n, t] = 2 C dA^(t+1)
+    x_out = dA^T x + kv @ V                    V[s, n] = dA^(T-1-s) dB
+
+so all the work is small matrix products (tl.dot: tensor cores) on tiles that stay on chip; q, k',
+v are read once and out written once (kv never reaches memory), any L works (the last chunk is
+masked), memory is linear in L, and the state passing between chunks is exact (the same equations
+as flashconv.state_passing). The per-head matrices come from `chunk_matrices` (torch, autograd), so
+the SSM parameters get their gradients through them.
+
+The backward walks the chunks in reverse with the adjoint state; it reads the chunk-entering
+states that the forward saved (n complex per kv channel per chunk: for head_dim 1 and T = 64 about
+as much memory as the inputs). Parameter-matrix gradients are summed per program, then over
+programs in torch (deterministic: no atomics).
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests, small sizes).
+"""
+from __future__ import annotations
+
+import torch
+
+from .shift_fir import INTERPRETED, kernels_available, triton
+from .state_passing import Discrete, ssm_kernel
+
+if triton is not None:
+    import triton.language as tl
+
+
+def chunk_matrices(discrete: Discrete, T: int) -> tuple[torch.Tensor, ...]:
+    """(Toep (H, T, T), Wr, Wi (H, n, T), Vr, Vi (H, T, n), Pr, Pi (H, n)), fp32, differentiable."""
+    dA, dB, C = discrete
+    K = ssm_kernel(discrete, T)  # (H, T)
+    s = torch.arange(T, device=K.device)
+    lag = s[None, :] - s[:, None]  # t - s
+    Toep = torch.where(lag >= 0, K[:, lag.clamp_min(0)], K.new_zeros(()))
+    steps = torch.arange(T + 1, device=K.device, dtype=torch.float32)
+    powers = torch.exp(torch.log(dA)[..., None] * steps)  # dA^0 .. dA^T: (H, n, T+1)
+    W = 2 * C[..., None] * powers[..., 1:]  # (H, n, T)
+    V = (powers[..., :T].flip(-1) * dB[..., None]).transpose(1, 2)  # (H, T, n)
+    P = powers[..., T]
+    return Toep, W.real, W.imag, V.real, V.imag, P.real, P.imag
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rows(L, D, h, pid_b, B, HD: tl.constexpr, BB: tl.constexpr):
+        """Row r of a program's tile = (batch b, d1, d2); returns offsets of k'[b, 0, h*HD+d1],
+        v[b, 0, h*HD+d2] and whether b < B."""
+        r = tl.arange(0, BB * HD * HD)
+        b = pid_b * BB + r // (HD * HD)
+        d1 = (r // HD) % HD
+        d2 = r % HD
+        ok = b < B
+        base = b * L * D + h * HD
+        return base + d1, base + d2, ok
+
+    @triton.jit
+    def _ssm_fwd(q_ptr, k_ptr, v_ptr, out_ptr, states_ptr,
+                 toep_ptr, wr_ptr, wi_ptr, vr_ptr, vi_ptr, pr_ptr, pi_ptr, dskip_ptr,
+                 B, L, D, H, n_chunks,
+                 HD: tl.constexpr, BB: tl.constexpr, T: tl.constexpr, N: tl.constexpr, IEEE: tl.constexpr):
+        h, pid_b = tl.program_id(0), tl.program_id(1)
+        R: tl.constexpr = BB * HD * HD
+        prec: tl.constexpr = "ieee" if IEEE else "tf32"
+        k_off, v_off, row_ok = _rows(L, D, h, pid_b, B, HD, BB)
+        tt = tl.arange(0, T)
+        nn = tl.arange(0, N)
+        toep = tl.load(toep_ptr + h * T * T + tt[:, None] * T + tt[None, :])
+        wr = tl.load(wr_ptr + h * N * T + nn[:, None] * T + tt[None, :])
+        wi = tl.load(wi_ptr + h * N * T + nn[:, None] * T + tt[None, :])
+        vr = tl.load(vr_ptr + h * T * N + tt[:, None] * N + nn[None, :])
+        vi = tl.load(vi_ptr + h * T * N + tt[:, None] * N + nn[None, :])
+        pr = tl.load(pr_ptr + h * N + nn)[None, :]
+        pi = tl.load(pi_ptr + h * N + nn)[None, :]
+        dsk = tl.load(dskip_ptr + h)
+        xr = tl.zeros((R, N), dtype=tl.float32)
+        xi = tl.zeros((R, N), dtype=tl.float32)
+        # outputs: rows (b, d2) of the first d1
+        ro = tl.arange(0, BB * HD)
+        ob = pid_b * BB + ro // HD
+        o_off = ob * L * D + h * HD + ro % HD
+        o_ok = ob < B
+        rows = tl.arange(0, R)
+        state_row = ((pid_b * BB + rows // (HD * HD)) * H + h) * (HD * HD) + rows % (HD * HD)
+        for c in range(n_chunks):
+            t = c * T + tt
+            m = row_ok[:, None] & (t < L)[None, :]
+            kk = tl.load(k_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+            vv = tl.load(v_ptr + v_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+            qq = tl.load(q_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+            kv = kk * vv
+            st = states_ptr + (state_row[:, None] * n_chunks + c) * 2 * N + nn[None, :]
+            tl.store(st, xr, mask=row_ok[:, None])
+            tl.store(st + N, xi, mask=row_ok[:, None])
+            y = tl.dot(kv, toep, input_precision=prec) + tl.dot(xr, wr, input_precision=prec) \
+                - tl.dot(xi, wi, input_precision=prec) + dsk * kv
+            z = tl.sum(tl.reshape(qq * y, (BB, HD, HD, T)), axis=1)
+            z = tl.reshape(z, (BB * HD, T))
+            tl.store(out_ptr + o_off[:, None] + t[None, :] * D, z, mask=o_ok[:, None] & (t < L)[None, :])
+            xr_new = pr * xr - pi * xi + tl.dot(kv, vr, input_precision=prec)
+            xi = pi * xr + pr * xi + tl.dot(kv, vi, input_precision=prec)
+            xr = xr_new
+
+    @triton.jit
+    def _ssm_bwd(q_ptr, k_ptr, v_ptr, dout_ptr, states_ptr, dq_ptr, dk_ptr, dv_ptr,
+                 toep_ptr, wr_ptr, wi_ptr, vr_ptr, vi_ptr, pr_ptr, pi_ptr, dskip_ptr,
+                 g_toep_ptr, g_wr_ptr, g_wi_ptr, g_vr_ptr, g_vi_ptr, g_pr_ptr, g_pi_ptr, g_dskip_ptr,
+                 B, L, D, H, n_chunks,
+                 HD: tl.constexpr, BB: tl.constexpr, T: tl.constexpr, N: tl.constexpr, IEEE: tl.constexpr):
+        h, pid_b = tl.program_id(0), tl.program_id(1)
+        R: tl.constexpr = BB * HD * HD
+        prec: tl.constexpr = "ieee" if IEEE else "tf32"
+        k_off, v_off, row_ok = _rows(L, D, h, pid_b, B, HD, BB)
+        tt = tl.arange(0, T)
+        nn = tl.arange(0, N)
+        toep = tl.load(toep_ptr + h * T * T + tt[:, None] * T + tt[None, :])
+        wr = tl.load(wr_ptr + h * N * T + nn[:, None] * T + tt[None, :])
+        wi = tl.load(wi_ptr + h * N * T + nn[:, None] * T + tt[None, :])
+        vr = tl.load(vr_ptr + h * T * N + tt[:, None] * N + nn[None, :])
+        vi = tl.load(vi_ptr + h * T * N + tt[:, None] * N + nn[None, :])
+        pr = tl.load(pr_ptr + h * N + nn)[None, :]
+        pi = tl.load(pi_ptr + h * N + nn)[None, :]
+        dsk = tl.load(dskip_ptr + h)
+        g_toep = tl.zeros((T, T), dtype=tl.float32)
+        g_wr = tl.zeros((N, T), dtype=tl.float32)
+        g_wi = tl.zeros((N, T), dtype=tl.float32)
+        g_vr = tl.zeros((T, N), dtype=tl.float32)
+        g_vi = tl.zeros((T, N), dtype=tl.float32)
+        g_pr = tl.zeros((N,), dtype=tl.float32)
+        g_pi = tl.zeros((N,), dtype=tl.float32)
+        g_dsk = tl.zeros((R, T), dtype=tl.float32)
+        gr = tl.zeros((R, N), dtype=tl.float32)  # dLoss / d(state leaving the chunk)
+        gi = tl.zeros((R, N), dtype=tl.float32)
+        rows = tl.arange(0, R)
+        state_row = ((pid_b * BB + rows // (HD * HD)) * H + h) * (HD * HD) + rows % (HD * HD)
+        d2_off = (k_off - (rows // HD) % HD) + rows % HD  # dout[b, t, h*HD + d2] for row (b, d1, d2)
+        for i in range(n_chunks):
+            c = n_chunks - 1 - i
+            t = c * T + tt
+            m = row_ok[:, None] & (t < L)[None, :]
+            kk = tl.load(k_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+            vv = tl.load(v_ptr + v_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+            qq = tl.load(q_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+            go = tl.load(dout_ptr + d2_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+            st = states_ptr + (state_row[:, None] * n_chunks + c) * 2 * N + nn[None, :]
+            xr = tl.load(st, mask=row_ok[:, None], other=0.0)
+            xi = tl.load(st + N, mask=row_ok[:, None], other=0.0)
+            kv = kk * vv
+            y = tl.dot(kv, toep, input_precision=prec) + tl.dot(xr, wr, input_precision=prec) \
+                - tl.dot(xi, wi, input_precision=prec) + dsk * kv
+            dq = tl.reshape(tl.sum(tl.reshape(go * y, (BB, HD, HD, T)), axis=2), (BB * HD, T))
+            dy = go * qq
+            dkv = tl.dot(dy, tl.trans(toep), input_precision=prec) + dsk * dy \
+                + tl.dot(gr, tl.trans(vr), input_precision=prec) + tl.dot(gi, tl.trans(vi), input_precision=prec)
+            g_toep += tl.dot(tl.trans(kv), dy, input_precision=prec)
+            g_wr += tl.dot(tl.trans(xr), dy, input_precision=prec)
+            g_wi -= tl.dot(tl.trans(xi), dy, input_precision=prec)
+            g_vr += tl.dot(tl.trans(kv), gr, input_precision=prec)
+            g_vi += tl.dot(tl.trans(kv), gi, input_precision=prec)
+            g_pr += tl.sum(xr * gr + xi * gi, axis=0)
+            g_pi += tl.sum(xr * gi - xi * gr, axis=0)
+            g_dsk += kv * dy
+            gr_in = tl.dot(dy, tl.trans(wr), input_precision=prec) + pr * gr + pi * gi
+            gi = -tl.dot(dy, tl.trans(wi), input_precision=prec) - pi * gr + pr * gi
+            gr = gr_in
+            dk = tl.reshape(tl.sum(tl.reshape(dkv * vv, (BB, HD, HD, T)), axis=2), (BB * HD, T))
+            dv = tl.reshape(tl.sum(tl.reshape(dkv * kk, (BB, HD, HD, T)), axis=1), (BB * HD, T))
+            ro = tl.arange(0, BB * HD)
+            ob = pid_b * BB + ro // HD
+            o_off = ob * L * D + h * HD + ro % HD
+            om = (ob < B)[:, None] & (t < L)[None, :]
+            tl.store(dq_ptr + o_off[:, None] + t[None, :] * D, dq, mask=om)
+            tl.store(dk_ptr + o_off[:, None] + t[None, :] * D, dk, mask=om)
+            tl.store(dv_ptr + o_off[:, None] + t[None, :] * D, dv, mask=om)
+        part = pid_b * H + h
+        tl.store(g_toep_ptr + part * T * T + tt[:, None] * T + tt[None, :], g_toep)
+        tl.store(g_wr_ptr + part * N * T + nn[:, None] * T + tt[None, :], g_wr)
+        tl.store(g_wi_ptr + part * N * T + nn[:, None] * T + tt[None, :], g_wi)
+        tl.store(g_vr_ptr + part * T * N + tt[:, None] * N + nn[None, :], g_vr)
+        tl.store(g_vi_ptr + part * T * N + tt[:, None] * N + nn[None, :], g_vi)
+        tl.store(g_pr_ptr + part * N + nn, g_pr)
+        tl.store(g_pi_ptr + part * N + nn, g_pi)
+        tl.store(g_dskip_ptr + part, tl.sum(tl.sum(g_dsk, axis=1), axis=0))
+
+
+def _block_batch(head_dim: int) -> int:
+    """Batch rows per program so that a tile has >= 16 rows (tl.dot's minimum)."""
+    return max(1, 16 // (head_dim * head_dim))
+
+
+class DiagSSMScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, toep, wr, wi, vr, vi, pr, pi, dskip, head_dim: int):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        B, L, D = q.shape
+        H, T, N = toep.shape[0], toep.shape[1], wr.shape[1]
+        BB = _block_batch(head_dim)
+        n_chunks = triton.cdiv(L, T)
+        mats = [m.contiguous().float() for m in (toep, wr, wi, vr, vi, pr, pi, dskip)]
+        out = torch.empty(B, L, D, device=q.device, dtype=torch.float32)
+        states = torch.empty(B, H, head_dim * head_dim, n_chunks, 2, N, device=q.device, dtype=torch.float32)
+        ieee = q.dtype == torch.float32 or INTERPRETED
+        grid = (H, triton.cdiv(B, BB))
+        _ssm_fwd[grid](q, k, v, out, states, *mats, B, L, D, H, n_chunks, HD=head_dim, BB=BB, T=T, N=N, IEEE=ieee)
+        ctx.save_for_backward(q, k, v, states, *mats)
+        ctx.head_dim, ctx.ieee = head_dim, ieee
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, states, *mats = ctx.saved_tensors
+        hd = ctx.head_dim
+        B, L, D = q.shape
+        H, T, N = mats[0].shape[0], mats[0].shape[1], mats[1].shape[1]
+        BB = _block_batch(hd)
+        programs = triton.cdiv(B, BB)
+        n_chunks = states.shape[3]
+        dq, dk, dv = (torch.empty(B, L, D, device=q.device, dtype=torch.float32) for _ in range(3))
+        parts = [torch.empty(programs, *m.shape, device=q.device, dtype=torch.float32) for m in mats]
+        _ssm_bwd[(H, programs)](q, k, v, dout.contiguous(), states, dq, dk, dv, *mats, *parts, B, L, D, H, n_chunks,
+                                HD=hd, BB=BB, T=T, N=N, IEEE=ctx.ieee)
+        grads = [p.sum(0) for p in parts]
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *grads, None)
+
+
+def h3_ssm_scan(q: torch.Tensor, k_shifted: torch.Tensor, v: torch.Tensor, discrete: Discrete,
+                ssm_skip: torch.Tensor, head_dim: int, chunk: int = 64) -> torch.Tensor:
+    """q, k' (after the shift SSM), v: (B, L, D) -> (B, L, D) fp32 (see the module docstring)."""
+    if head_dim * head_dim * _block_batch(head_dim) < 16:
+        raise ValueError(f"head_dim {head_dim}: a tile needs >= 16 rows")
+    mats = chunk_matrices(discrete, chunk)
+    return DiagSSMScan.apply(q, k_shifted, v, *mats, ssm_skip.float(), head_dim)
+
+
+def h3_ssm_reference(q, k_shifted, v, discrete: Discrete, ssm_skip: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The same through torch.fft (flashconv.reference.causal_conv)."""
+    from .reference import causal_conv
+
+    B, L, D = q.shape
+    hd, H = head_dim, D // head_dim
+    kv = k_shifted.float().transpose(1, 2).reshape(B, H, hd, 1, L) * v.float().transpose(1, 2).reshape(B, H, 1, hd, L)
+    y = causal_conv(kv, ssm_kernel(discrete, L)[:, None, None, :], ssm_skip.float()[:, None, None, None])
+    out = (q.float().transpose(1, 2).reshape(B, H, hd, 1, L) * y).sum(2)
+    return out.reshape(B, D, L).transpose(1, 2)
+
+
+__all__ = ["chunk_matrices", "DiagSSMScan", "h3_ssm_scan", "h3_ssm_reference", "kernels_available"]
