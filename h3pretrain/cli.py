@@ -220,6 +220,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _synthetic(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     import torch
@@ -228,9 +229,8 @@ def _synthetic(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    s = SyntheticSettings(task=args.task, mixer=args.mixer, vocab_size=args.vocab_size, seq_len=args.seq_len,
-                          n_train=args.n_train, n_test=args.n_test, d_model=args.d_model, n_layer=args.n_layer,
-                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    fields = [f.name for f in dataclasses.fields(SyntheticSettings)]
+    s = SyntheticSettings(**{k: v for k, v in vars(args).items() if k in fields})
     result = run(s, log=lambda line: print(line, flush=True))
     print(f"{args.task} / {args.mixer}: test accuracy {result['test_accuracy']:.3f} "
           f"({result['parameters']:,} parameters, {result['seconds']:.0f} s)")
@@ -332,15 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=["induction", "assoc_recall"])
     p.add_argument("--mixer", default="h3", choices=["h3", "attention", "s4d"])
     p.add_argument("--vocab-size", type=int, default=0, help="0: the paper's (20)")
-    p.add_argument("--seq-len", type=int, default=0, help="0: the paper's (induction 30, assoc_recall 21)")
-    p.add_argument("--n-train", type=int, default=5000)
-    p.add_argument("--n-test", type=int, default=500)
-    p.add_argument("--d-model", type=int, default=32)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=0, help="input tokens; 0: the paper's (induction 31, assoc_recall 42)")
+    from .synthetic import SyntheticSettings
+
+    p.add_argument("--loss", default=SyntheticSettings.loss, choices=["all", "answer"],
+                   help="next-token loss at every position (the reference) or at the answer only")
+    for flag in ("n_train", "n_test", "d_model", "n_layer", "epochs", "batch_size", "lr", "dropout",
+                 "warmup_fraction", "weight_decay", "seed"):
+        default = getattr(SyntheticSettings, flag)
+        p.add_argument("--" + flag.replace("_", "-"), type=type(default), default=default,
+                       help=f"default {default} (the reference setup)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", help="also write the result (with the per-epoch history) to this file")
     p.set_defaults(func=_synthetic)
