@@ -50,13 +50,13 @@ class H3(nn.Module):
             y = torch.stack([self._step(q[:, t], k[:, t], v[:, t], cache) for t in range(q.shape[1])], dim=1)
             y = y.to(q.dtype)
         else:
-            L = q.shape[1]  # q, k, v are (B, L, C) whatever layout x has (sequence parallel)
+            # q, k, v are (B, L, C) whatever layout x has (sequence parallel)
             if self.context is not None:
                 y = self.context.h3_conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D,
                                          self.diag_kernel.discretize(), self.D, self.head_dim)
             else:
                 y = flashconv.h3_conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D,
-                                      self.diag_kernel.kernel(L), self.D, self.head_dim)
+                                      self.diag_kernel.discretize(), self.D, self.head_dim)
             if cache is not None:
                 cache.layers[self.layer_idx] = self._prompt_state(k, v)
         return self.output_linear(y)

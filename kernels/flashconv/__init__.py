@@ -1,15 +1,45 @@
 """flashconv: the long convolutions of the H3 mixer.
 
-`h3_conv` is the one entry point the model calls. Today its body is the fp32 torch.fft reference
-(`flashconv.reference`); the fused Triton kernels replace the body, never the call sites.
+`h3_conv` is the one entry point the model calls. Two implementations behind it:
+- "reference": the fp32 torch.fft formulation (`flashconv.reference`), the default;
+- "triton": the fused kernels — the shift SSM's FIR (`shift_fir`) and the diagonal SSM as a chunked
+  scan with the kv outer product and the q gating fused in (`ssm_scan`). Chosen with the environment
+  variable H3_FLASHCONV=triton (or `set_implementation`); it runs where Triton can (CUDA, or the CPU
+  interpreter under TRITON_INTERPRET=1) and falls back to the reference elsewhere. It is not the
+  default until it has been validated and measured on a GPU (bench/bench_kernels.py).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .reference import causal_conv, fft_size, h3_conv_reference
+from .state_passing import Discrete, ssm_kernel
 
-__all__ = ["h3_conv", "causal_conv", "fft_size", "h3_conv_reference"]
+__all__ = ["h3_conv", "causal_conv", "fft_size", "h3_conv_reference", "set_implementation", "implementation"]
+
+_IMPLEMENTATIONS = ("reference", "triton")
+_choice = os.environ.get("H3_FLASHCONV", "reference")
+if _choice not in _IMPLEMENTATIONS:
+    raise ValueError(f"H3_FLASHCONV={_choice!r}: expected one of {', '.join(_IMPLEMENTATIONS)}")
+
+
+def set_implementation(name: str) -> None:
+    global _choice
+    if name not in _IMPLEMENTATIONS:
+        raise ValueError(f"flashconv implementation {name!r}: expected one of {', '.join(_IMPLEMENTATIONS)}")
+    _choice = name
+
+
+def implementation(device: torch.device) -> str:
+    """What h3_conv runs on `device` now (shapes the kernels don't support also fall back)."""
+    if _choice == "triton":
+        from .shift_fir import kernels_available
+
+        if kernels_available(device):
+            return "triton"
+    return "reference"
 
 
 def h3_conv(
@@ -18,9 +48,19 @@ def h3_conv(
     v: torch.Tensor,
     shift_taps: torch.Tensor,
     shift_skip: torch.Tensor,
-    ssm_kernel: torch.Tensor,
+    discrete: Discrete,
     ssm_skip: torch.Tensor,
     head_dim: int,
 ) -> torch.Tensor:
-    """Shift conv on k, k (x) v per head, diagonal-SSM conv, gating by q. See `h3_conv_reference`."""
-    return h3_conv_reference(q, k, v, shift_taps, shift_skip, ssm_kernel, ssm_skip, head_dim)
+    """Shift conv on k, k (x) v per head, diagonal-SSM conv, gating by q. See `h3_conv_reference`;
+    discrete: the diagonal SSM's (dA, dB, C)."""
+    if implementation(q.device) == "triton":
+        # imported on first use: the Triton modules pick interpreter or GPU when they load
+        from .shift_fir import ShiftFIR
+        from .ssm_scan import h3_ssm_scan, supported
+
+        if supported(head_dim, discrete[0].shape[1]):
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                k_shifted = ShiftFIR.apply(k, shift_taps, shift_skip)
+                return h3_ssm_scan(q, k_shifted, v, discrete, ssm_skip, head_dim).to(q.dtype)
+    return h3_conv_reference(q, k, v, shift_taps, shift_skip, ssm_kernel(discrete, q.shape[1]), ssm_skip, head_dim)

@@ -232,11 +232,18 @@ class DiagSSMScan(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *grads, None)
 
 
+def supported(head_dim: int, modes: int) -> bool:
+    """Tiles are powers of two with >= 16 rows and columns (tl.arange, tl.dot)."""
+    pow2 = lambda x: x > 0 and x & (x - 1) == 0  # noqa: E731
+    return pow2(head_dim) and pow2(modes) and modes >= 16
+
+
 def h3_ssm_scan(q: torch.Tensor, k_shifted: torch.Tensor, v: torch.Tensor, discrete: Discrete,
                 ssm_skip: torch.Tensor, head_dim: int, chunk: int = 64) -> torch.Tensor:
     """q, k' (after the shift SSM), v: (B, L, D) -> (B, L, D) fp32 (see the module docstring)."""
-    if head_dim * head_dim * _block_batch(head_dim) < 16:
-        raise ValueError(f"head_dim {head_dim}: a tile needs >= 16 rows")
+    if not supported(head_dim, discrete[0].shape[1]):
+        raise ValueError(f"the fused scan needs head_dim and d_state/2 powers of two, d_state/2 >= 16; got "
+                         f"head_dim {head_dim}, d_state/2 {discrete[0].shape[1]}")
     mats = chunk_matrices(discrete, chunk)
     return DiagSSMScan.apply(q, k_shifted, v, *mats, ssm_skip.float(), head_dim)
 
@@ -253,4 +260,4 @@ def h3_ssm_reference(q, k_shifted, v, discrete: Discrete, ssm_skip: torch.Tensor
     return out.reshape(B, D, L).transpose(1, 2)
 
 
-__all__ = ["chunk_matrices", "DiagSSMScan", "h3_ssm_scan", "h3_ssm_reference", "kernels_available"]
+__all__ = ["chunk_matrices", "DiagSSMScan", "h3_ssm_scan", "h3_ssm_reference", "kernels_available", "supported"]
