@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: help setup test test-fast corpus pretrain bench-prep bench-generate clean-venv resume status $(SLURM_TARGETS)
+.PHONY: help setup test test-fast corpus pretrain bench-prep bench-generate bench-kernels clean-venv resume status $(SLURM_TARGETS)
 
 help:
 	@echo "make pretrain      set up, build a small corpus, train a tiny hybrid H3 model on CPU"
@@ -23,6 +23,7 @@ help:
 	@echo "make corpus        build data/corpus (Pile-format jsonl.zst from Debian's Python docs)"
 	@echo "make bench-prep    tokenization throughput -> bench/results/prep.md"
 	@echo "make bench-generate  generation tokens/s, hybrid H3 vs transformer (GPU) -> bench/results/"
+	@echo "make bench-kernels   FlashConv vs torch.fft vs SDPA, model tokens/s vs GPT-2 (GPU) -> bench/results/"
 	@echo "make setup         only create/update $(VENV)"
 
 setup: $(STAMP)
@@ -81,6 +82,10 @@ bench-prep: corpus
 BENCH_GENERATE_ARGS ?= $(if $(filter cuda,$(DS_ACCELERATOR)),,--preset tiny --batch 2 --prompts 64 128 --new-tokens 8)
 bench-generate: $(STAMP)
 	$(PY) bench/bench_generate.py $(BENCH_GENERATE_ARGS)
+
+# GPU: the issue-6 sizes; without CUDA the script runs toy sizes (smoke check, results file says CPU).
+bench-kernels: $(STAMP)
+	$(PY) bench/bench_kernels.py $(BENCH_KERNELS_ARGS)
 
 test: $(STAMP) corpus
 	$(PY) -m pytest $(PYTEST_ARGS)
