@@ -64,6 +64,21 @@ if triton is not None:
         return base + d1, base + d2, ok
 
     @triton.jit
+    def _head_matrices(toep_ptr, wr_ptr, wi_ptr, vr_ptr, vi_ptr, pr_ptr, pi_ptr, dskip_ptr, h,
+                       T: tl.constexpr, N: tl.constexpr):
+        """Head h's chunk matrices (see chunk_matrices), loaded once per program."""
+        tt = tl.arange(0, T)
+        nn = tl.arange(0, N)
+        toep = tl.load(toep_ptr + h * T * T + tt[:, None] * T + tt[None, :])
+        wr = tl.load(wr_ptr + h * N * T + nn[:, None] * T + tt[None, :])
+        wi = tl.load(wi_ptr + h * N * T + nn[:, None] * T + tt[None, :])
+        vr = tl.load(vr_ptr + h * T * N + tt[:, None] * N + nn[None, :])
+        vi = tl.load(vi_ptr + h * T * N + tt[:, None] * N + nn[None, :])
+        pr = tl.load(pr_ptr + h * N + nn)[None, :]
+        pi = tl.load(pi_ptr + h * N + nn)[None, :]
+        return toep, wr, wi, vr, vi, pr, pi, tl.load(dskip_ptr + h)
+
+    @triton.jit
     def _ssm_fwd(q_ptr, k_ptr, v_ptr, out_ptr, states_ptr,
                  toep_ptr, wr_ptr, wi_ptr, vr_ptr, vi_ptr, pr_ptr, pi_ptr, dskip_ptr,
                  B, L, D, H, n_chunks,
@@ -74,14 +89,8 @@ if triton is not None:
         k_off, v_off, row_ok = _rows(L, D, h, pid_b, B, HD, BB)
         tt = tl.arange(0, T)
         nn = tl.arange(0, N)
-        toep = tl.load(toep_ptr + h * T * T + tt[:, None] * T + tt[None, :])
-        wr = tl.load(wr_ptr + h * N * T + nn[:, None] * T + tt[None, :])
-        wi = tl.load(wi_ptr + h * N * T + nn[:, None] * T + tt[None, :])
-        vr = tl.load(vr_ptr + h * T * N + tt[:, None] * N + nn[None, :])
-        vi = tl.load(vi_ptr + h * T * N + tt[:, None] * N + nn[None, :])
-        pr = tl.load(pr_ptr + h * N + nn)[None, :]
-        pi = tl.load(pi_ptr + h * N + nn)[None, :]
-        dsk = tl.load(dskip_ptr + h)
+        toep, wr, wi, vr, vi, pr, pi, dsk = _head_matrices(toep_ptr, wr_ptr, wi_ptr, vr_ptr, vi_ptr, pr_ptr, pi_ptr,
+                                                           dskip_ptr, h, T, N)
         xr = tl.zeros((R, N), dtype=tl.float32)
         xi = tl.zeros((R, N), dtype=tl.float32)
         # outputs: rows (b, d2) of the first d1
@@ -122,14 +131,8 @@ if triton is not None:
         k_off, v_off, row_ok = _rows(L, D, h, pid_b, B, HD, BB)
         tt = tl.arange(0, T)
         nn = tl.arange(0, N)
-        toep = tl.load(toep_ptr + h * T * T + tt[:, None] * T + tt[None, :])
-        wr = tl.load(wr_ptr + h * N * T + nn[:, None] * T + tt[None, :])
-        wi = tl.load(wi_ptr + h * N * T + nn[:, None] * T + tt[None, :])
-        vr = tl.load(vr_ptr + h * T * N + tt[:, None] * N + nn[None, :])
-        vi = tl.load(vi_ptr + h * T * N + tt[:, None] * N + nn[None, :])
-        pr = tl.load(pr_ptr + h * N + nn)[None, :]
-        pi = tl.load(pi_ptr + h * N + nn)[None, :]
-        dsk = tl.load(dskip_ptr + h)
+        toep, wr, wi, vr, vi, pr, pi, dsk = _head_matrices(toep_ptr, wr_ptr, wi_ptr, vr_ptr, vi_ptr, pr_ptr, pi_ptr,
+                                                           dskip_ptr, h, T, N)
         g_toep = tl.zeros((T, T), dtype=tl.float32)
         g_wr = tl.zeros((N, T), dtype=tl.float32)
         g_wi = tl.zeros((N, T), dtype=tl.float32)
