@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixer", default="h3", choices=["h3", "attention", "s4d"])
     p.add_argument("--vocab-size", type=int, default=0, help="0: the paper's (20)")
     p.add_argument("--seq-len", type=int, default=0, help="input tokens; 0: the paper's (induction 31, assoc_recall 42)")
-    from .synthetic import SyntheticSettings
+    from .config import SyntheticSettings  # (light: h3pretrain.synthetic would import torch)
 
     p.add_argument("--loss", default=SyntheticSettings.loss, choices=["all", "answer"],
                    help="next-token loss at every position (the reference) or at the answer only")

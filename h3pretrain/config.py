@@ -181,6 +181,39 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run before training (module load ...)
 
 
+SYNTHETIC_TASKS = ("induction", "assoc_recall")
+# The paper's sizes; seq_len counts input tokens, the answer is the token after them.
+SYNTHETIC_SHAPE = {"induction": (20, 31), "assoc_recall": (20, 42)}
+
+
+@dataclass
+class SyntheticSettings:
+    """`h3pretrain synthetic` (h3pretrain/synthetic.py); defaults are the reference setup."""
+
+    task: str = "induction"
+    mixer: str = "h3"  # h3 | attention | s4d (ModelConfig.mixer; no attention layers mixed in)
+    vocab_size: int = 0  # 0: the paper's
+    seq_len: int = 0  # 0: the paper's
+    n_train: int = 5000
+    n_test: int = 500
+    d_model: int = 32
+    n_layer: int = 2
+    attn_num_heads: int = 1
+    attn_rotary: bool = True  # our attention has no position embeddings; rotary gives it positions
+    dropout: float = 0.1  # embedding and attention dropout
+    loss: str = "all"  # all: next-token loss at every position (the reference); answer: the answer only
+    epochs: int = 400
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.1
+    seed: int = 0
+
+    def shape(self) -> tuple[int, int]:
+        vocab, length = SYNTHETIC_SHAPE[self.task]
+        return self.vocab_size or vocab, self.seq_len or length
+
+
 @dataclass
 class Config:
     """The whole run's configuration."""

@@ -18,44 +18,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-TASKS = ("induction", "assoc_recall")
+from .config import SYNTHETIC_TASKS as TASKS, SyntheticSettings
+
 TRIGGER = 0  # induction's trigger, associative recall's separator
-# The paper's sizes; seq_len counts input tokens, the answer is the token after them.
-DEFAULT_SHAPE = {"induction": (20, 31), "assoc_recall": (20, 42)}
 SSM_MAX_LR = 1e-3  # the reference caps the SSM parameters' learning rate
-
-
-@dataclass
-class SyntheticSettings:
-    task: str = "induction"
-    mixer: str = "h3"  # h3 | attention | s4d (ModelConfig.mixer; no attention layers mixed in)
-    vocab_size: int = 0  # 0: the paper's
-    seq_len: int = 0  # 0: the paper's
-    n_train: int = 5000
-    n_test: int = 500
-    d_model: int = 32
-    n_layer: int = 2
-    attn_num_heads: int = 1
-    attn_rotary: bool = True  # our attention has no position embeddings; rotary gives it positions
-    dropout: float = 0.1  # embedding and attention dropout
-    loss: str = "all"  # all: next-token loss at every position (the reference); answer: the answer only
-    epochs: int = 400
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    warmup_fraction: float = 0.1
-    seed: int = 0
-
-    def shape(self) -> tuple[int, int]:
-        vocab, length = DEFAULT_SHAPE[self.task]
-        return self.vocab_size or vocab, self.seq_len or length
 
 
 def induction_examples(n: int, vocab: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

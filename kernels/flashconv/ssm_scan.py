@@ -79,6 +79,35 @@ if triton is not None:
         return toep, wr, wi, vr, vi, pr, pi, tl.load(dskip_ptr + h)
 
     @triton.jit
+    def _out_rows(L, D, h, pid_b, B, HD: tl.constexpr, BB: tl.constexpr):
+        """Rows (b, d) of a program's (B*HD, T) output tiles: offsets of [b, 0, h*HD+d], and b < B."""
+        ro = tl.arange(0, BB * HD)
+        ob = pid_b * BB + ro // HD
+        return ob * L * D + h * HD + ro % HD, ob < B
+
+    @triton.jit
+    def _state_rows(h, pid_b, H, HD: tl.constexpr, BB: tl.constexpr):
+        """Row r = (b, d1, d2) of a tile -> its row in the saved states (B, H, HD*HD, ...)."""
+        rows = tl.arange(0, BB * HD * HD)
+        return ((pid_b * BB + rows // (HD * HD)) * H + h) * (HD * HD) + rows % (HD * HD)
+
+    @triton.jit
+    def _load_chunk(q_ptr, k_ptr, v_ptr, k_off, v_off, row_ok, t, L, D):
+        """q[d1], k'[d1], v[d2] of every row over positions t, fp32 (zero past L)."""
+        m = row_ok[:, None] & (t < L)[None, :]
+        kk = tl.load(k_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + v_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+        qq = tl.load(q_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+        return qq, kk, vv
+
+    @triton.jit
+    def _chunk_y(kv, xr, xi, toep, wr, wi, dsk, IEEE: tl.constexpr):
+        """y = kv @ Toep + Re(x @ W) + D kv (the forward's output, recomputed by the backward)."""
+        prec: tl.constexpr = "ieee" if IEEE else "tf32"
+        return tl.dot(kv, toep, input_precision=prec) + tl.dot(xr, wr, input_precision=prec) \
+            - tl.dot(xi, wi, input_precision=prec) + dsk * kv
+
+    @triton.jit
     def _ssm_fwd(q_ptr, k_ptr, v_ptr, out_ptr, states_ptr,
                  toep_ptr, wr_ptr, wi_ptr, vr_ptr, vi_ptr, pr_ptr, pi_ptr, dskip_ptr,
                  B, L, D, H, n_chunks,
@@ -93,25 +122,16 @@ if triton is not None:
                                                            dskip_ptr, h, T, N)
         xr = tl.zeros((R, N), dtype=tl.float32)
         xi = tl.zeros((R, N), dtype=tl.float32)
-        # outputs: rows (b, d2) of the first d1
-        ro = tl.arange(0, BB * HD)
-        ob = pid_b * BB + ro // HD
-        o_off = ob * L * D + h * HD + ro % HD
-        o_ok = ob < B
-        rows = tl.arange(0, R)
-        state_row = ((pid_b * BB + rows // (HD * HD)) * H + h) * (HD * HD) + rows % (HD * HD)
+        o_off, o_ok = _out_rows(L, D, h, pid_b, B, HD, BB)  # rows (b, d2)
+        state_row = _state_rows(h, pid_b, H, HD, BB)
         for c in range(n_chunks):
             t = c * T + tt
-            m = row_ok[:, None] & (t < L)[None, :]
-            kk = tl.load(k_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
-            vv = tl.load(v_ptr + v_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
-            qq = tl.load(q_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
+            qq, kk, vv = _load_chunk(q_ptr, k_ptr, v_ptr, k_off, v_off, row_ok, t, L, D)
             kv = kk * vv
             st = states_ptr + (state_row[:, None] * n_chunks + c) * 2 * N + nn[None, :]
             tl.store(st, xr, mask=row_ok[:, None])
             tl.store(st + N, xi, mask=row_ok[:, None])
-            y = tl.dot(kv, toep, input_precision=prec) + tl.dot(xr, wr, input_precision=prec) \
-                - tl.dot(xi, wi, input_precision=prec) + dsk * kv
+            y = _chunk_y(kv, xr, xi, toep, wr, wi, dsk, IEEE)
             z = tl.sum(tl.reshape(qq * y, (BB, HD, HD, T)), axis=1)
             z = tl.reshape(z, (BB * HD, T))
             tl.store(out_ptr + o_off[:, None] + t[None, :] * D, z, mask=o_ok[:, None] & (t < L)[None, :])
@@ -143,23 +163,20 @@ if triton is not None:
         g_dsk = tl.zeros((R, T), dtype=tl.float32)
         gr = tl.zeros((R, N), dtype=tl.float32)  # dLoss / d(state leaving the chunk)
         gi = tl.zeros((R, N), dtype=tl.float32)
-        rows = tl.arange(0, R)
-        state_row = ((pid_b * BB + rows // (HD * HD)) * H + h) * (HD * HD) + rows % (HD * HD)
-        d2_off = (k_off - (rows // HD) % HD) + rows % HD  # dout[b, t, h*HD + d2] for row (b, d1, d2)
+        state_row = _state_rows(h, pid_b, H, HD, BB)
+        o_off, o_ok = _out_rows(L, D, h, pid_b, B, HD, BB)  # rows (b, d)
+        d2_off = v_off  # dout[b, t, h*HD + d2] sits where v[b, t, h*HD + d2] does
         for i in range(n_chunks):
             c = n_chunks - 1 - i
             t = c * T + tt
+            qq, kk, vv = _load_chunk(q_ptr, k_ptr, v_ptr, k_off, v_off, row_ok, t, L, D)
             m = row_ok[:, None] & (t < L)[None, :]
-            kk = tl.load(k_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
-            vv = tl.load(v_ptr + v_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
-            qq = tl.load(q_ptr + k_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
             go = tl.load(dout_ptr + d2_off[:, None] + t[None, :] * D, mask=m, other=0.0).to(tl.float32)
             st = states_ptr + (state_row[:, None] * n_chunks + c) * 2 * N + nn[None, :]
             xr = tl.load(st, mask=row_ok[:, None], other=0.0)
             xi = tl.load(st + N, mask=row_ok[:, None], other=0.0)
             kv = kk * vv
-            y = tl.dot(kv, toep, input_precision=prec) + tl.dot(xr, wr, input_precision=prec) \
-                - tl.dot(xi, wi, input_precision=prec) + dsk * kv
+            y = _chunk_y(kv, xr, xi, toep, wr, wi, dsk, IEEE)
             dq = tl.reshape(tl.sum(tl.reshape(go * y, (BB, HD, HD, T)), axis=2), (BB * HD, T))
             dy = go * qq
             dkv = tl.dot(dy, tl.trans(toep), input_precision=prec) + dsk * dy \
@@ -177,10 +194,7 @@ if triton is not None:
             gr = gr_in
             dk = tl.reshape(tl.sum(tl.reshape(dkv * vv, (BB, HD, HD, T)), axis=2), (BB * HD, T))
             dv = tl.reshape(tl.sum(tl.reshape(dkv * kk, (BB, HD, HD, T)), axis=1), (BB * HD, T))
-            ro = tl.arange(0, BB * HD)
-            ob = pid_b * BB + ro // HD
-            o_off = ob * L * D + h * HD + ro % HD
-            om = (ob < B)[:, None] & (t < L)[None, :]
+            om = o_ok[:, None] & (t < L)[None, :]
             tl.store(dq_ptr + o_off[:, None] + t[None, :] * D, dq, mask=om)
             tl.store(dk_ptr + o_off[:, None] + t[None, :] * D, dk, mask=om)
             tl.store(dv_ptr + o_off[:, None] + t[None, :] * D, dv, mask=om)
