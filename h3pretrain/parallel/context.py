@@ -43,28 +43,29 @@ class ContextParallel:
         T = L // self.size
         return tokens[:, self.rank * T:(self.rank + 1) * T + 1]
 
-    def _gather(self, x: torch.Tensor, dim: int) -> list[torch.Tensor]:
-        """Every rank's x (equal shapes), differentiable: megatron-core's sequence-parallel gather
-        (backward: reduce-scatter), over the CP group. torch.distributed.nn's all_gather cannot be
-        used: its gloo backward scatters from group ranks as if they were global ones."""
+    def _gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's x (equal shapes) concatenated on `dim` in rank order, differentiable:
+        megatron-core's sequence-parallel gather (backward: reduce-scatter) over the CP group.
+        torch.distributed.nn's all_gather cannot be used: its gloo backward scatters from group
+        ranks as if they were global ones."""
         from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
-        full = gather_from_sequence_parallel_region(x.movedim(dim, 0).contiguous(), True, self.group)
-        return [piece.movedim(0, dim) for piece in full.chunk(self.size, dim=0)]
+        return gather_from_sequence_parallel_region(x.movedim(dim, 0).contiguous(), True, self.group).movedim(0, dim)
 
     def h3_conv(self, q, k, v, shift_taps: torch.Tensor, shift_skip: torch.Tensor, discrete: Discrete,
                 ssm_skip: torch.Tensor, head_dim: int) -> torch.Tensor:
         T = q.shape[1]
         reach = shift_taps.shape[-1] - 1  # the FIR sees that many inputs back
+        tail = min(T, reach)
         # Every rank must use every all-gather's output: their backwards are collectives, run only
         # where the output is part of the graph. Rank 0 therefore takes an empty history and a zero
         # entering state, both cut from the gathered tensors.
-        tails = self._gather(k[:, max(0, T - reach):], dim=1)
-        history = torch.cat(tails[:self.rank], dim=1)[:, -reach:] if self.rank and reach else tails[0][:, :0]
+        tails = self._gather(k[:, T - tail:], dim=1)  # (B, cp * tail, C)
+        history = tails[:, :self.rank * tail][:, -reach:] if self.rank and reach else tails[:, :0]
         dA = discrete[0]
 
         def entering_state(local: torch.Tensor) -> torch.Tensor:
-            states = [torch.view_as_complex(s[0]) for s in self._gather(torch.view_as_real(local)[None], dim=0)]
+            states = list(torch.view_as_complex(self._gather(torch.view_as_real(local)[None], dim=0)))
             entering = combine_states(states, [T] * self.size, dA)[self.rank]
             return states[0] * 0 if entering is None else entering
 
@@ -75,8 +76,7 @@ class ContextParallel:
         """q, k, v: (B, T, heads, head_dim) of this piece -> (B, T, heads, head_dim)."""
         T = q.shape[1]
         visible = self.offset(T) + T  # keys after this piece are masked anyway
-        keys = torch.cat(self._gather(k, dim=1), dim=1)[:, :visible]
-        values = torch.cat(self._gather(v, dim=1), dim=1)[:, :visible]
+        keys, values = self._gather(torch.stack([k, v]), dim=2)[:, :, :visible].unbind(0)  # one collective
         if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return flash_attn_func(q, keys, values, dropout_p=dropout, causal=True)  # bottom-right causal
         from torch.nn.attention.bias import causal_lower_right
