@@ -9,6 +9,8 @@ torch.fft reference vs SDPA attention, and whole-model training throughput.
    32K (B*L = 16K tokens): hybrid H3 125M (flashconv triton, and the reference), GPT-2 125M (all
    attention, SDPA, torch.compile'd), and the ceiling: the same hybrid with both long convolutions
    skipped (mixer = out_proj(q*k*v)).
+3. Long sequences (state passing): one 1M-token sequence through the 125m preset's H3 mixer
+   (projections, both SSMs, gating, output projection), fwd+bwd, bf16 autocast: time and peak memory.
 
     python bench/bench_kernels.py                      # GPU: the sizes above
     python bench/bench_kernels.py --tiny               # CPU smoke: toy sizes (the default without CUDA)
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 import flashconv
 from h3pretrain.config import preset
 from h3pretrain.model import HybridLM
-from h3pretrain.model.ssm import DiagSSMKernel, ShiftSSMKernel
+from h3pretrain.model.h3 import H3
+from h3pretrain.model.ssm import DiagSSMKernel
 
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
 
@@ -136,6 +139,40 @@ def model_case(label: str, model: HybridLM, L: int, tokens: int, device, repeats
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
 
 
+def long_case(L: int, D: int, device, repeats: int) -> list[dict]:
+    """One sequence of L tokens through one H3 mixer (head_dim 1, as the 125m preset), fwd+bwd."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        mixer = H3(D, d_state=64, head_dim=1)
+    x = torch.randn(1, L, D, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                    requires_grad=True)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    rows = []
+    for impl in ("triton", "reference"):
+        flashconv.set_implementation(impl)
+        row = {"L": L, "d_model": D, "impl": impl, "runs": flashconv.implementation(device)}
+
+        def step():
+            with amp:
+                out = mixer(x)
+            out.backward(torch.ones_like(out))
+
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            row["ms"] = 1e3 * timed(step, device, repeats)
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+        except torch.OutOfMemoryError:
+            row["ms"], row["peak_memory_gb"] = None, "OOM"
+        finally:
+            flashconv.set_implementation("reference")
+            x.grad = None
+            mixer.zero_grad(set_to_none=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU smoke); the default without CUDA")
@@ -143,6 +180,8 @@ def main() -> int:
     ap.add_argument("--model-lengths", type=int, nargs="+", default=None)
     ap.add_argument("--tokens", type=int, default=None, help="B*L per point (default 16384)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--long-lengths", type=int, nargs="*", default=None,
+                    help="sequence lengths for the one-sequence H3 mixer run (default 2^18 2^20; none: skip)")
     ap.add_argument("--skip-models", action="store_true")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
@@ -192,6 +231,13 @@ def main() -> int:
                 if ceiling and r["tokens_per_s"]:
                     r["fraction_of_ceiling"] = r["tokens_per_s"] / ceiling
             result["models"] += runs
+    long_lengths = args.long_lengths if args.long_lengths is not None else ([4096] if tiny else [1 << 18, 1 << 20])
+    result["long"] = []
+    for L in long_lengths:
+        for r in long_case(L, D, device, max(1, args.repeats - 2)):
+            result["long"].append(r)
+            print(f"H3 mixer, one sequence of {L} tokens, {r['impl']} ({r['runs']}): fwd+bwd "
+                  f"{r['ms'] or 0:.1f} ms, peak {r['peak_memory_gb']}", flush=True)
     out = Path(args.out or f"bench/results/kernels-{'gpu' if device.type == 'cuda' else 'cpu-smoke'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
