@@ -331,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synthetic", help="the paper's synthetic tasks: train a 2-layer model, report test accuracy")
     p.add_argument("--task", required=True, choices=["induction", "assoc_recall"])
     p.add_argument("--mixer", default="h3", choices=["h3", "attention", "s4d"])
-    p.add_argument("--vocab-size", type=int, default=0, help="0: the paper's (20)")
-    p.add_argument("--seq-len", type=int, default=0, help="input tokens; 0: the paper's (induction 31, assoc_recall 42)")
+    p.add_argument("--vocab-size", type=int, default=0, help="0: the paper's (induction 20, assoc_recall 10)")
+    p.add_argument("--seq-len", type=int, default=0, help="input tokens; 0: the paper's (induction 31, assoc_recall 22)")
     from .config import SyntheticSettings  # (light: h3pretrain.synthetic would import torch)
 
     p.add_argument("--loss", default=SyntheticSettings.loss, choices=["all", "answer"],
@@ -340,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("n_train", "n_test", "d_model", "n_layer", "epochs", "batch_size", "lr", "dropout",
                  "warmup_fraction", "weight_decay", "seed"):
         default = getattr(SyntheticSettings, flag)
+        note = "0: the paper's (induction 400, assoc_recall 200)" if flag == "epochs" else f"default {default}"
         p.add_argument("--" + flag.replace("_", "-"), type=type(default), default=default,
-                       help=f"default {default} (the reference setup)")
+                       help=f"{note} (the reference setup)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", help="also write the result (with the per-epoch history) to this file")
     p.set_defaults(func=_synthetic)

@@ -1,13 +1,13 @@
 """The paper's synthetic in-context-learning tasks (DESIGN.md section 3), set up as the reference
 code (HazyResearch/safari: dataloaders/synthetics.py, configs/experiment/synthetics) does: 2-layer
 models of width 32, 5,000 training and 500 test examples drawn once, AdamW lr 5e-4 (SSM parameters
-at most 1e-3), weight decay 0.1, 10% warmup, 400 epochs of batch 32, embedding/attention dropout 0.1.
+at most 1e-3), weight decay 0.1, 10% warmup, batches of 32, embedding/attention dropout 0.1.
 
-Induction Head (vocab 20, 31 input tokens): 30 random tokens, one of which is the trigger (id 0)
-followed by some token x, then the trigger again; the answer is x.
-Associative Recall (vocab 20, 42 input tokens): id 0 is the separator, keys and values split the
-rest evenly (9 and 9); each example draws its own key -> value map and shows 20 (key, value) pairs,
-then the separator and one of the keys it showed; the answer is that key's value.
+Induction Head (vocab 20, 31 input tokens, 400 epochs): 30 random tokens, one of which is the
+trigger (id 0) followed by some token x, then the trigger again; the answer is x.
+Associative Recall (vocab 10, 22 input tokens, 200 epochs): id 0 is the separator, keys and values
+split the rest evenly (4 and 4); each example draws its own key -> value map and shows 10 (key,
+value) pairs, then the separator and one of the keys it showed; the answer is that key's value.
 
 Training is next-token prediction over the whole example (inputs + answer), as in the reference:
 each repeated key inside an example is a recall target too (`loss="answer"` trains on the answer
@@ -147,13 +147,14 @@ def run(s: SyntheticSettings, log: Callable[[str], None] = print) -> dict:
     x, y = data["train"]
     sequences = torch.cat([x, y[:, None]], dim=1)  # inputs + answer: next-token targets everywhere
     steps_per_epoch = math.ceil(len(y) / s.batch_size)
-    total = s.epochs * steps_per_epoch
+    epochs = s.num_epochs()
+    total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(s, total))
     gen = torch.Generator().manual_seed(s.seed)
     t0 = time.time()
     history = []
     model.train()
-    for epoch in range(1, s.epochs + 1):
+    for epoch in range(1, epochs + 1):
         order = torch.randperm(len(y), generator=gen)
         total_loss = 0.0
         for idx in order.split(s.batch_size):
@@ -170,7 +171,7 @@ def run(s: SyntheticSettings, log: Callable[[str], None] = print) -> dict:
             total_loss += loss.item() * len(idx)
         test_acc = accuracy(model, *data["test"], vocab)
         history.append({"epoch": epoch, "loss": total_loss / len(y), "test_accuracy": test_acc})
-        log(f"{s.task} {s.mixer} epoch {epoch}/{s.epochs} | loss {total_loss / len(y):.4f} | "
+        log(f"{s.task} {s.mixer} epoch {epoch}/{epochs} | loss {total_loss / len(y):.4f} | "
             f"test accuracy {test_acc:.3f} | {time.time() - t0:.1f} s")
     return {"task": s.task, "mixer": s.mixer, "vocab_size": vocab, "seq_len": length,
             "test_accuracy": history[-1]["test_accuracy"], "train_accuracy": accuracy(model, x, y, vocab),
