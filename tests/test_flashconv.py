@@ -149,7 +149,7 @@ def test_h3_conv_pieces_equal_the_whole_sequence(head_dim):
 
 
 @pytest.mark.parametrize("L", [1, 15, 16, 17, 50])
-@pytest.mark.parametrize("head_dim", [1, 2, 4])
+@pytest.mark.parametrize("head_dim", [1, 2, 4, 8])
 def test_ssm_scan_kernel_matches_reference(L, head_dim):
     """The fused chunked-scan kernel (chunks of 16) vs torch.fft: output and the gradients of q, k',
     v, the SSM parameters and D, for L below, at and across chunk boundaries."""
@@ -171,6 +171,36 @@ def test_ssm_scan_kernel_matches_reference(L, head_dim):
     names = "q k v D log_dt inv_A_real A_imag B C".split()
     for name, a, b in zip(names, torch.autograd.grad(got, wrt, g), torch.autograd.grad(ref, wrt, g)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [1, 8])
+def test_ssm_scan_kernel_half_precision_inputs(dtype, head_dim):
+    """bf16/fp16 q, k', v: the kernel computes in fp32 from the rounded inputs (output as close as in
+    fp32), and returns their gradients in the input dtype (within that dtype's rounding)."""
+    from h3pretrain.model.ssm import DiagSSMKernel
+
+    torch.manual_seed(head_dim)
+    B, L, D, N = 2, 41, 16, 32
+    H = D // head_dim
+    ssm = DiagSSMKernel(H, N)
+    with torch.no_grad():
+        ssm.log_dt.fill_(-3.0)
+    skip = torch.randn(H)
+    q, k, v = (torch.randn(B, L, D).to(dtype).requires_grad_() for _ in range(3))
+    got = h3_ssm_scan(q, k, v, ssm.discretize(), skip, head_dim, chunk=16)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = h3_ssm_reference(q32, k32, v32, ssm.discretize(), skip, head_dim)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(ref)
+    got.backward(g)
+    ref.backward(g)
+    rtol, atol = TOL[dtype]
+    for name, a, b in (("q", q, q32), ("k", k, k32), ("v", v, v32)):
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=rtol, atol=atol * b.grad.abs().max().item(),
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
