@@ -32,6 +32,7 @@ from .state_passing import Discrete, ssm_kernel
 
 if triton is not None:
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 
 
 def chunk_matrices(discrete: Discrete, T: int) -> tuple[torch.Tensor, ...]:
@@ -214,6 +215,24 @@ def _block_batch(head_dim: int) -> int:
     return max(1, 16 // (head_dim * head_dim))
 
 
+_ONE_STAGE: set[tuple] = set()  # (kernel, constexprs, device) that need num_stages=1
+
+
+def _launch(kernel, grid, *args, **consts) -> None:
+    """Launch; where Triton's default software pipelining (3 stages) needs more shared memory than
+    the GPU has, launch without it. Compiled for sm_90 (ptxas, tests/test_flashconv_compile.py): the
+    fp32 head_dim-8 backward needs 248 KB at 3 stages (an H100 block has 227 KB), 104 KB at 1."""
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), tuple(sorted(consts.items())),
+           str(args[0].device))
+    if key not in _ONE_STAGE:
+        try:
+            kernel[grid](*args, **consts)
+            return
+        except OutOfResources:
+            _ONE_STAGE.add(key)
+    kernel[grid](*args, **consts, num_stages=1)
+
+
 class DiagSSMScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, toep, wr, wi, vr, vi, pr, pi, dskip, head_dim: int):
@@ -227,7 +246,8 @@ class DiagSSMScan(torch.autograd.Function):
         states = torch.empty(B, H, head_dim * head_dim, n_chunks, 2, N, device=q.device, dtype=torch.float32)
         ieee = q.dtype == torch.float32 or INTERPRETED
         grid = (H, triton.cdiv(B, BB))
-        _ssm_fwd[grid](q, k, v, out, states, *mats, B, L, D, H, n_chunks, HD=head_dim, BB=BB, T=T, N=N, IEEE=ieee)
+        _launch(_ssm_fwd, grid, q, k, v, out, states, *mats, B, L, D, H, n_chunks, HD=head_dim, BB=BB, T=T, N=N,
+                IEEE=ieee)
         ctx.save_for_backward(q, k, v, states, *mats)
         ctx.head_dim, ctx.ieee = head_dim, ieee
         return out
@@ -243,8 +263,8 @@ class DiagSSMScan(torch.autograd.Function):
         n_chunks = states.shape[3]
         dq, dk, dv = (torch.empty(B, L, D, device=q.device, dtype=torch.float32) for _ in range(3))
         parts = [torch.empty(programs, *m.shape, device=q.device, dtype=torch.float32) for m in mats]
-        _ssm_bwd[(H, programs)](q, k, v, dout.contiguous(), states, dq, dk, dv, *mats, *parts, B, L, D, H, n_chunks,
-                                HD=hd, BB=BB, T=T, N=N, IEEE=ctx.ieee)
+        _launch(_ssm_bwd, (H, programs), q, k, v, dout.contiguous(), states, dq, dk, dv, *mats, *parts, B, L, D, H,
+                n_chunks, HD=hd, BB=BB, T=T, N=N, IEEE=ctx.ieee)
         grads = [p.sum(0) for p in parts]
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *grads, None)
 
