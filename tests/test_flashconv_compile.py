@@ -5,7 +5,7 @@ shared memory each kernel needs fits the GPU (at the stages `ssm_scan._launch` w
 
 The interpreter tests (test_flashconv.py) check the arithmetic; this checks what the interpreter does
 not: tile shapes and dtypes that the GPU compiler accepts, and resource limits. Not checked: the fp32
-head_dim-8 backward (90 s to compile; measured by hand: 248 KB at 3 stages, 104 KB at 1 stage, so
+head_dim-8 backward (90 s to compile; measured by hand at 4 warps: 248 KB at 3 stages, 104 KB at 1, so
 `_launch` falls back to 1 stage on an H100)."""
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from flashconv import shift_fir, ssm_scan
 
-def compile_(fn, consts, cap, dtypes, stages=None):
+def compile_(fn, consts, cap, dtypes, stages=None, warps=4):
     sig = {n: "constexpr" if n in consts else dtypes.get(n, "*fp32") if n.endswith("_ptr") else "i32"
            for n in fn.arg_names}
-    opts = {} if stages is None else {"num_stages": stages}
+    opts = {"num_warps": warps} if stages is None else {"num_stages": stages, "num_warps": warps}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", cap, 32),
                        options=opts)
-    return {"kernel": fn.__name__, "cap": cap, "consts": consts, "stages": stages, "shared": k.metadata.shared,
+    return {"kernel": fn.__name__, "cap": cap, "consts": consts, "stages": stages, "warps": warps,
+            "shared": k.metadata.shared,
             "cubin_bytes": len(k.asm["cubin"])}
 
 cap, limit = int(sys.argv[1]), int(sys.argv[2])
@@ -44,10 +45,11 @@ rows.append(compile_(shift_fir._fir_bwd_params, dict(N=64, BLOCK_T=shift_fir.BLO
 io = {n: "*bf16" for n in ("q_ptr", "v_ptr")}  # k' comes from the FIR kernel in fp32
 for hd in (1, 8):
     consts = dict(HD=hd, BB=ssm_scan._block_batch(hd), T=64, N=32, IEEE=False)
-    for fn in (ssm_scan._ssm_fwd, ssm_scan._ssm_bwd):
-        row = compile_(fn, consts, cap, io)
+    for backward, fn in ((False, ssm_scan._ssm_fwd), (True, ssm_scan._ssm_bwd)):
+        warps = ssm_scan.num_warps(backward, hd)
+        row = compile_(fn, consts, cap, io, warps=warps)
         if row["shared"] > limit:  # what _launch does on OutOfResources
-            row = compile_(fn, consts, cap, io, stages=1)
+            row = compile_(fn, consts, cap, io, stages=1, warps=warps)
         rows.append(row)
 print(json.dumps(rows))
 """
