@@ -230,3 +230,30 @@ def test_h3_conv_triton_implementation_matches_reference(head_dim):
     for (name, _), a, b in zip(mixer.named_parameters(), grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_scan_launch_retries_with_one_stage_when_shared_memory_runs_out():
+    """ssm_scan._launch: an OutOfResources launch is repeated without software pipelining, and the
+    choice is remembered for that kernel and configuration."""
+    from triton.runtime.errors import OutOfResources
+
+    from flashconv import ssm_scan
+
+    calls = []
+
+    class FakeKernel:
+        fn = type("fn", (), {"__name__": "fake_kernel"})
+
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                calls.append(kw.get("num_stages"))
+                if "num_stages" not in kw:
+                    raise OutOfResources(253952, 232448, "shared memory")
+            return launch
+
+    x = torch.zeros(1)
+    ssm_scan._launch(FakeKernel(), (1,), x, HD=8, IEEE=True)
+    ssm_scan._launch(FakeKernel(), (1,), x, HD=8, IEEE=True)
+    assert calls == [None, 1, 1]  # the second launch goes straight to one stage
+    ssm_scan._launch(FakeKernel(), (1,), x, HD=1, IEEE=True)
+    assert calls[-2:] == [None, 1]  # another configuration tries the default first
