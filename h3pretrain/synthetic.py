@@ -173,7 +173,7 @@ def run(s: SyntheticSettings, log: Callable[[str], None] = print) -> dict:
         history.append({"epoch": epoch, "loss": total_loss / len(y), "test_accuracy": test_acc})
         log(f"{s.task} {s.mixer} epoch {epoch}/{epochs} | loss {total_loss / len(y):.4f} | "
             f"test accuracy {test_acc:.3f} | {time.time() - t0:.1f} s")
-    return {"task": s.task, "mixer": s.mixer, "vocab_size": vocab, "seq_len": length,
+    return {"task": s.task, "mixer": s.mixer, "vocab_size": vocab, "seq_len": length, "epochs": epochs,
             "test_accuracy": history[-1]["test_accuracy"], "train_accuracy": accuracy(model, x, y, vocab),
             "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.time() - t0,
             "history": history, "settings": asdict(s)}

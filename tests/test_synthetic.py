@@ -70,6 +70,7 @@ def test_synthetic_command(tmp_path, capsys):
                  "--epochs", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["task"] == "assoc_recall" and result["mixer"] == "s4d" and len(result["history"]) == 2
+    assert (result["vocab_size"], result["seq_len"], result["epochs"]) == (10, 22, 2)  # the paper's shape
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert f"test accuracy {result['test_accuracy']:.3f}" in capsys.readouterr().out
 
