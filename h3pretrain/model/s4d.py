@@ -1,6 +1,7 @@
-"""The S4D baseline of the paper's synthetic tasks: the diagonal SSM alone, without the shift SSM
+"""The S4D baseline of the paper's synthetic tasks: a diagonal SSM alone, without the shift SSM
 and the multiplicative gating of H3. Per channel: y = K * u + D ⊙ u, then GELU and an output Linear
-(the standard S4 block). Parameter names follow H3's (`diag_kernel`, `D`, `output_linear`).
+(the standard S4 block), with the reference's S4D kernel (S4D-Inv, zero-order hold: `S4DKernel`).
+Parameter names follow H3's (`diag_kernel`, `D`, `output_linear`).
 
 Recurrent mode keeps the (B, D, N/2) complex state of the diagonal SSM.
 """
@@ -14,7 +15,7 @@ from flashconv.reference import causal_conv
 
 from .cache import InferenceCache
 from .layers import LayerFactory
-from .ssm import DiagSSMKernel
+from .ssm import S4DKernel
 
 
 class S4D(nn.Module):
@@ -27,7 +28,7 @@ class S4D(nn.Module):
         if factory.context is not None:
             raise ValueError("the S4D baseline mixer does not support context parallelism")
         self.layer_idx = layer_idx
-        self.diag_kernel = DiagSSMKernel(d_model, d_state, dt_min, dt_max)  # one SSM per channel
+        self.diag_kernel = S4DKernel(d_model, d_state, dt_min, dt_max)  # one SSM per channel, A shared
         self.D = nn.Parameter(torch.randn(d_model))
         self.output_linear = factory.linear(d_model, d_model, role="row", init_std=init_std)
 

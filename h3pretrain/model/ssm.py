@@ -2,6 +2,7 @@
 
 ShiftSSMKernel: a state-N shift register, i.e. a learned causal FIR filter of N taps per channel.
 DiagSSMKernel:  S4D-Lin diagonal SSM with N/2 complex modes per head, bilinear discretisation.
+S4DKernel:      the synthetic tasks' S4D baseline (S4D-Inv, zero-order hold, A shared by channels).
 
 Parameters are stored with the shapes and names of the released checkpoints and stay fp32.
 """
@@ -87,3 +88,30 @@ class DiagSSMKernel(nn.Module):
         state = dA.view(shape) * state + dB.view(shape) * u.to(torch.cfloat)[..., None]
         y = 2 * (C.view(shape) * state).sum(-1).real
         return y, state
+
+
+class S4DKernel(DiagSSMKernel):
+    """The S4D layer of the paper's synthetic baseline, as the reference code builds it (safari
+    `ssm/s4d.py`): S4D-Inv initialisation (A_n = -1/2 + i N/pi (N/(2n+1) - 1)), A shared by all
+    channels, a random B (normalised so that a random C gives unit kernel variance) folded into C,
+    and zero-order hold: dA = exp(dt A), dB = (exp(dt A) - 1) / A. Only the parameters differ from
+    DiagSSMKernel: kernel, final state and recurrent step are the same functions of (dA, dB, C)."""
+
+    def __init__(self, channels: int, d_state: int, dt_min: float = 0.001, dt_max: float = 0.1):
+        nn.Module.__init__(self)
+        n = d_state // 2
+        modes = torch.arange(n, dtype=torch.float32)
+        A = torch.complex(torch.full((n,), -0.5), d_state / math.pi * (d_state / (1 + 2 * modes) - 1))
+        B = torch.randn(n, dtype=torch.cfloat)
+        B = B / (2 * (B / A).abs().square().sum()).sqrt()
+        self.log_dt = nn.Parameter(torch.rand(channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        self.inv_A_real = nn.Parameter(torch.log(-A.real)[None].clone())  # (1, n): shared by all channels
+        self.A_imag = nn.Parameter(A.imag[None].clone())
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(1, channels, n, dtype=torch.cfloat) * B).clone())
+
+    def discretize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dt = torch.exp(self.log_dt.float())[:, None]
+        A = torch.complex(-torch.exp(self.inv_A_real.float()), self.A_imag.float())
+        dtA = dt * A  # (H, n)
+        dA = torch.exp(dtA)
+        return dA, (dA - 1.0) / A, torch.view_as_complex(self.C.float())[0]

@@ -125,6 +125,25 @@ class DiagSSMKernel(nn.Module):
         return 2 * (C.view(shape) * state).sum(-1).real, state
 
 
+class S4DKernel(DiagSSMKernel):
+    """The S4D baseline's kernel: S4D-Inv initialisation, A (1, N/2) shared by all channels, B folded
+    into C, zero-order hold: dA = exp(dt A), dB = (exp(dt A) - 1) / A."""
+
+    def __init__(self, channels: int, d_state: int):
+        nn.Module.__init__(self)
+        n = d_state // 2
+        self.log_dt = nn.Parameter(torch.zeros(channels))
+        self.inv_A_real = nn.Parameter(torch.zeros(1, n))
+        self.A_imag = nn.Parameter(torch.zeros(1, n))
+        self.C = nn.Parameter(torch.zeros(1, channels, n, 2))
+
+    def discretize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dt = torch.exp(self.log_dt.float())[:, None]
+        A = torch.complex(-torch.exp(self.inv_A_real.float()), self.A_imag.float())
+        dA = torch.exp(dt * A)
+        return dA, (dA - 1.0) / A, torch.view_as_complex(self.C.float())[0]
+
+
 def _in_fp32(fn):
     fn = torch.autocast("cuda", enabled=False)(fn)
     return torch.autocast("cpu", enabled=False)(fn)
@@ -197,7 +216,7 @@ class S4DMixer(nn.Module):
         super().__init__()
         D = config.d_model
         self.layer_idx = layer_idx
-        self.kernel = KernelHolder(DiagSSMKernel(D, config.ssm_d_state))
+        self.kernel = KernelHolder(S4DKernel(D, config.ssm_d_state))
         self.D = nn.Parameter(torch.randn(D))
         self.output_linear = nn.Linear(D, D)
 
