@@ -12,11 +12,8 @@ checked; the results file records the device either way.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,6 +21,8 @@ from h3pretrain.config import preset
 from h3pretrain.generate import generate
 from h3pretrain.model import HybridLM
 from h3pretrain.model.ssm import DiagSSMKernel, ShiftSSMKernel
+
+from common import device_name, sync, write_result  # bench/common.py
 
 
 def build(preset_name: str, mixer: str, device: torch.device, dtype: torch.dtype) -> HybridLM:
@@ -38,10 +37,6 @@ def build(preset_name: str, mixer: str, device: torch.device, dtype: torch.dtype
             p.data = p.data.float()
     return model.eval()
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.inference_mode()
@@ -78,7 +73,7 @@ def main() -> int:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    name = device_name(device)
     result = {"device": name, "torch": torch.__version__, "preset": args.preset, "dtype": str(dtype),
               "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "runs": []}
     print(f"{name} | {args.preset} | {dtype} | batch {args.batch} | {args.new_tokens} new tokens", flush=True)
@@ -99,10 +94,7 @@ def main() -> int:
     by = {(r["model"], r["prompt"]): r["tokens_per_s"] for r in result["runs"]}
     result["speedup"] = {str(p): by["hybrid-h3", p] / by["transformer", p] for p in args.prompts}
     print("hybrid / transformer: " + ", ".join(f"{p}: {s:.2f}x" for p, s in result["speedup"].items()), flush=True)
-    out = Path(args.out or f"bench/results/generate-{'gpu' if device.type == 'cuda' else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"-> {out}")
+    write_result(result, args.out, f"bench/results/generate-{'gpu' if device.type == 'cuda' else 'cpu'}.json")
     return 0
 
 

@@ -20,11 +20,8 @@ Results: bench/results/kernels-<device>.json with the GPU name and the command.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +32,10 @@ from h3pretrain.model import HybridLM
 from h3pretrain.model.h3 import H3
 from h3pretrain.model.ssm import DiagSSMKernel
 
+from common import device_name, sync, write_result  # bench/common.py
+
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s (SXM parts)
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device, repeats: int) -> float:
@@ -192,7 +187,7 @@ def main() -> int:
     tokens = args.tokens or (256 if tiny else 16384)
     D, size = (64, "tiny") if tiny else (768, "125m")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    name = device_name(device)
     bandwidth = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
     result = {"device": name, "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
               "date": time.strftime("%Y-%m-%d"), "peak_bandwidth_bytes_per_s": bandwidth, "tokens_per_point": tokens,
@@ -238,10 +233,7 @@ def main() -> int:
             result["long"].append(r)
             print(f"H3 mixer, one sequence of {L} tokens, {r['impl']} ({r['runs']}): fwd+bwd "
                   f"{r['ms'] or 0:.1f} ms, peak {r['peak_memory_gb']}", flush=True)
-    out = Path(args.out or f"bench/results/kernels-{'gpu' if device.type == 'cuda' else 'cpu-smoke'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"-> {out}")
+    write_result(result, args.out, f"bench/results/kernels-{'gpu' if device.type == 'cuda' else 'cpu-smoke'}.json")
     return 0
 
 
