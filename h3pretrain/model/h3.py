@@ -51,12 +51,9 @@ class H3(nn.Module):
             y = y.to(q.dtype)
         else:
             # q, k, v are (B, L, C) whatever layout x has (sequence parallel)
-            if self.context is not None:
-                y = self.context.h3_conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D,
-                                         self.diag_kernel.discretize(), self.D, self.head_dim)
-            else:
-                y = flashconv.h3_conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D,
-                                      self.diag_kernel.discretize(), self.D, self.head_dim)
+            conv = self.context.h3_conv if self.context is not None else flashconv.h3_conv
+            y = conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D, self.diag_kernel.discretize(), self.D,
+                     self.head_dim)
             if cache is not None:
                 cache.layers[self.layer_idx] = self._prompt_state(k, v)
         return self.output_linear(y)

@@ -54,19 +54,25 @@ def h3_conv_reference(
         y = ssm_kernel[h] * kv + ssm_skip[h] * kv
         out[h, d2] = sum_d1 q[h, d1] * y[h, d1, d2]
     """
-    B, L, D = q.shape
-    hd = head_dim
-    H = D // hd
-    out_dtype = q.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         k = causal_conv(k.transpose(1, 2), shift_taps, shift_skip[:, None])  # (B, D, L)
-        v = v.transpose(1, 2).float()
-        kv = k.view(B, H, hd, 1, L) * v.view(B, H, 1, hd, L)  # (B, H, d1, d2, L)
+        kv = outer_kv(k, v.transpose(1, 2), head_dim)
         y = causal_conv(kv, ssm_kernel[:, None, None, :], ssm_skip[:, None, None, None])
-        qf = q.transpose(1, 2).float().view(B, H, hd, 1, L)
-        out = (qf * y).sum(dim=2)  # (B, H, d2, L)
-        out = out.reshape(B, D, L).transpose(1, 2)
-    return out.to(out_dtype)
+        return gate(q, y).to(q.dtype)
+
+
+def outer_kv(k: torch.Tensor, v: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per-head outer product in fp32: k, v (B, D, L) -> kv (B, H, d1, d2, L), kv[d1, d2] = k[d1] v[d2]."""
+    B, D, L = k.shape
+    H = D // head_dim
+    return k.float().view(B, H, head_dim, 1, L) * v.float().view(B, H, 1, head_dim, L)
+
+
+def gate(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """q (B, L, D), y (B, H, d1, d2, L) -> out[h, d2] = sum_d1 q[h, d1] y[h, d1, d2], (B, L, D) fp32."""
+    B, H, hd, _, L = y.shape
+    out = (q.transpose(1, 2).float().view(B, H, hd, 1, L) * y).sum(dim=2)  # (B, H, d2, L)
+    return out.reshape(B, H * hd, L).transpose(1, 2)
 
 
 def pad_taps(taps: torch.Tensor, length: int) -> torch.Tensor:

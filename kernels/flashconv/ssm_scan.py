@@ -293,15 +293,12 @@ def h3_ssm_scan(q: torch.Tensor, k_shifted: torch.Tensor, v: torch.Tensor, discr
 
 
 def h3_ssm_reference(q, k_shifted, v, discrete: Discrete, ssm_skip: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The same through torch.fft (flashconv.reference.causal_conv)."""
-    from .reference import causal_conv
+    """The same through torch.fft (flashconv.reference)."""
+    from .reference import causal_conv, gate, outer_kv
 
-    B, L, D = q.shape
-    hd, H = head_dim, D // head_dim
-    kv = k_shifted.float().transpose(1, 2).reshape(B, H, hd, 1, L) * v.float().transpose(1, 2).reshape(B, H, 1, hd, L)
-    y = causal_conv(kv, ssm_kernel(discrete, L)[:, None, None, :], ssm_skip.float()[:, None, None, None])
-    out = (q.float().transpose(1, 2).reshape(B, H, hd, 1, L) * y).sum(2)
-    return out.reshape(B, D, L).transpose(1, 2)
+    kv = outer_kv(k_shifted.transpose(1, 2), v.transpose(1, 2), head_dim)
+    y = causal_conv(kv, ssm_kernel(discrete, q.shape[1])[:, None, None, :], ssm_skip.float()[:, None, None, None])
+    return gate(q, y)
 
 
 __all__ = ["chunk_matrices", "DiagSSMScan", "h3_ssm_scan", "h3_ssm_reference", "kernels_available", "supported"]

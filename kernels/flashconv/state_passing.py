@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from .reference import causal_conv
+from .reference import causal_conv, gate, outer_kv
 
 Discrete = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (dA, dB, C), each (H, n) complex
 
@@ -145,11 +145,8 @@ def h3_conv_piece(
     parallelism it all-gathers and combines (`combine_states`), the one point where ranks meet.
     Returns (B, T, D) in q's dtype; equals the matching slice of the whole sequence's h3_conv.
     """
-    B, T, D = q.shape
-    hd = head_dim
-    H = D // hd
+    T = q.shape[1]
     dA, dB, C = discrete
-    out_dtype = q.dtype
     with torch.autocast(device_type=q.device.type, enabled=False):
         k = k.transpose(1, 2).float()  # (B, D, T)
         past = 0
@@ -157,13 +154,10 @@ def h3_conv_piece(
             past = k_history.shape[1]
             k = torch.cat([k_history.transpose(1, 2).float(), k], dim=-1)
         k = causal_conv(k, shift_taps, shift_skip[:, None])[..., past:]
-        v = v.transpose(1, 2).float()
-        kv = k.view(B, H, hd, 1, T) * v.view(B, H, 1, hd, T)  # (B, H, d1, d2, T)
+        kv = outer_kv(k, v.transpose(1, 2), head_dim)  # (B, H, d1, d2, T)
         y, local_state = ssm_chunk(kv, dA, dB, C)
         state_in = entering_state(local_state)
         if state_in is not None:
             y = y + state_correction(state_in, dA, C, T)
-        y = y + ssm_skip.view(H, 1, 1, 1).float() * kv
-        qf = q.transpose(1, 2).float().view(B, H, hd, 1, T)
-        out = (qf * y).sum(dim=2).reshape(B, D, T).transpose(1, 2)
-    return out.to(out_dtype)
+        y = y + ssm_skip.view(-1, 1, 1, 1).float() * kv
+        return gate(q, y).to(q.dtype)
