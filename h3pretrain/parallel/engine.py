@@ -188,7 +188,7 @@ class ParallelModel:
         lay = self.layout
         local = sum(p.numel() if not canonical.is_tp_sharded(p) else p.numel() * lay.tp
                     for _, p in canonical.named_params(self.models) if not getattr(p, "ds_pipe_replicated", False))
-        t = torch.tensor([local if lay.tp_rank == 0 and lay.dp_rank == 0 and lay.cp_rank == 0 else 0], dtype=torch.int64, device=self.device)
+        t = torch.tensor([local if lay.speaks_for_stage else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(t)
         return int(t)
 
@@ -205,7 +205,7 @@ class ParallelModel:
 
         tensors = self.collect(optimizer_state=True)
         lay = self.layout
-        if lay.tp_rank == 0 and lay.dp_rank == 0 and lay.cp_rank == 0:
+        if lay.speaks_for_stage:
             name = f"stage-{lay.pp_rank:03d}-of-{lay.pp:03d}.safetensors"
             for sub, keep in (("model", lambda k: "::" not in k), ("optim", lambda k: "::" in k)):
                 (directory / sub).mkdir(parents=True, exist_ok=True)

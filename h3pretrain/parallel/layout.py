@@ -30,6 +30,11 @@ class Layout:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
+    @property
+    def speaks_for_stage(self) -> bool:
+        """The one rank of its pipeline stage (first TP, DP and CP rank) that counts and writes it."""
+        return self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
+
     def shape(self) -> dict[str, int]:
         """The layout without this rank's coordinates (what a checkpoint records)."""
         return {"tp": self.tp, "pp": self.pp, "dp": self.dp, "cp": self.cp, "virtual_pp": self.virtual_pp}
