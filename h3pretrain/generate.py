@@ -27,21 +27,81 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+class Decoder:
+    """The prompt in convolution mode, then one token per step, over a cache allocated once for
+    `batch_size` rows of up to `max_seqlen` tokens (reusable: each prompt starts it afresh)."""
+
+    @torch.inference_mode()
+    def __init__(self, model: HybridLM, batch_size: int, max_seqlen: int):
+        self.model = model.eval()
+        self.cache = model.allocate_cache(batch_size, max_seqlen)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) prompt -> (B, padded_vocab) logits of its last position."""
+        self.cache.reset()
+        return self.model(input_ids, cache=self.cache, logits_to_keep=1)[:, -1]
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """(B,) token ids -> (B, padded_vocab) logits of the next position."""
+        return self.model(token[:, None], cache=self.cache)[:, -1]
+
+
+class CUDAGraphDecoder(Decoder):
+    """A Decoder whose step is one CUDA graph, captured at construction and replayed per token: the
+    step's hundreds of small kernels cost one launch (as in the H3 paper's generation benchmark,
+    which used flash-attn's CUDA-graph decoding). Valid because every cache tensor keeps its address
+    and the layers read positions from `cache.position` on the device, which the step advances."""
+
+    @torch.inference_mode()
+    def __init__(self, model: HybridLM, batch_size: int, max_seqlen: int, warmup: int = 2):
+        super().__init__(model, batch_size, max_seqlen)
+        device = self.cache.position.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model, this one is on {device}")
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.cache.seqlen_offset = 1  # any value > 0: the layers take their one-token path
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # allocator and library warm-up, outside the capture
+            for _ in range(warmup):
+                model(self.token, cache=self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.cache.seqlen_offset = 1
+        self.cache.position.zero_()  # what capture and warm-up wrote at position 0 the prompt overwrites
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.token, cache=self.cache)[:, -1]
+        self.cache.reset()
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        self.cache.check_room(1)
+        self.token.copy_(token[:, None])
+        self.graph.replay()  # advances cache.position on the device
+        self.cache.seqlen_offset += 1
+        return self.logits
+
+
 @torch.inference_mode()
 def generate(model: HybridLM, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
              generator: torch.Generator | None = None,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Returns (B, prompt + new) token ids. Stops early once every row has produced `eos_id`."""
-    model.eval()
+             on_token: Callable[[torch.Tensor], None] | None = None,
+             decoder: Decoder | None = None, cuda_graph: bool = False) -> torch.Tensor:
+    """Returns (B, prompt + new) token ids. Stops early once every row has produced `eos_id`.
+    `decoder`: one to reuse (its batch size must match, its max_seqlen suffice); otherwise a Decoder,
+    or a CUDAGraphDecoder with `cuda_graph`, is made for this call."""
     B, L = input_ids.shape
-    cache = model.allocate_cache(B, L + max_new_tokens)
+    if decoder is None:
+        decoder = (CUDAGraphDecoder if cuda_graph else Decoder)(model, B, L + max_new_tokens)
     vocab = model.config.vocab_size  # never sample the padding rows of the embedding
-    logits = model(input_ids, cache=cache)[:, -1, :vocab]
+    logits = decoder.prefill(input_ids)[:, :vocab]
     out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
         if i:
-            logits = model(token[:, None], cache=cache)[:, -1, :vocab]
+            logits = decoder.step(token)[:, :vocab]
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         if eos_id is not None:
             token = token.masked_fill(done, eos_id)

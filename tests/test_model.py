@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from h3pretrain.generate import generate
+from h3pretrain.generate import CUDAGraphDecoder, Decoder, generate
 from h3pretrain.model import HybridLM
 from h3pretrain.model.ssm import NO_WEIGHT_DECAY
 
@@ -67,6 +67,43 @@ def test_greedy_decoding_equals_argmax_of_full_forward(head_dim):
     with torch.no_grad():
         logits = model(out)[:, :, :90]
     assert torch.equal(out[:, 11:], logits[:, 10:-1].argmax(-1))
+
+
+@pytest.mark.parametrize("mixer", ["h3", "s4d"])
+def test_decode_steps_replay_like_a_cuda_graph(mixer):
+    """A captured CUDA graph replays the step with the host-side state of capture time: emulated on
+    CPU by pinning `seqlen_offset` before every step. Positions must come from the cache's device
+    tensor and every state must be updated in place for the logits to stay right."""
+    model = _model(mixer=mixer, ssm_d_state=8, ssm_head_dim=2 if mixer == "h3" else 1, attn_rotary_dim=4)
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        full = model(ids)
+    decoder = Decoder(model, 2, 40)
+    prompt = 13  # > d_state and not a multiple of it: the shift ring buffer starts mid-way
+    logits = [decoder.prefill(ids[:, :prompt])]
+    addresses = {(i, k): t.data_ptr() for i, state in decoder.cache.layers.items() for k, t in state.items()}
+    pinned = decoder.cache.seqlen_offset
+    for t in range(prompt, 40):
+        decoder.cache.seqlen_offset = pinned
+        logits.append(decoder.step(ids[:, t]))
+    assert int(decoder.cache.position) == 40
+    assert {(i, k): t.data_ptr() for i, state in decoder.cache.layers.items() for k, t in state.items()} == addresses
+    scale = full.abs().max()
+    torch.testing.assert_close(torch.stack(logits, 1) / scale, full[:, prompt - 1:] / scale, rtol=0, atol=1e-5)
+
+
+def test_decoder_is_reusable_and_guards_its_cache():
+    model = _model(attn_rotary_dim=4)
+    decoder = Decoder(model, 2, 30)
+    for prompt in (torch.randint(0, 97, (2, 25)), torch.randint(0, 97, (2, 9))):  # long, then short
+        out = generate(model, prompt, 5, decoder=decoder)
+        torch.testing.assert_close(out, generate(model, prompt, 5), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exceeds the cache's max_seqlen 30"):
+        generate(model, torch.randint(0, 97, (2, 28)), 5, decoder=decoder)
+    with pytest.raises(ValueError, match="batch of 3 rows for a cache of 2"):
+        decoder.prefill(torch.randint(0, 97, (3, 4)))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
+        CUDAGraphDecoder(model, 2, 30)
 
 
 def test_every_parameter_gets_a_gradient():

@@ -24,13 +24,11 @@ class Rotary(nn.Module):
         self.dim = dim
         self.base = base
 
-    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        """x: (B, L, heads, head_dim); rotates x[..., :dim] by position offset + t."""
-        L = x.shape[1]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, heads, head_dim); rotates x[..., :dim] of token t by angle positions[t] * freq."""
         # Computed on the fly (no buffer): cheap, and nothing to go stale on meta-device builds.
         inv_freq = 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32) / self.dim)
-        t = torch.arange(offset, offset + L, device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq)  # (L, dim/2)
+        freqs = torch.outer(positions.float(), inv_freq)  # (L, dim/2)
         cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
         rot, rest = x[..., : self.dim].float(), x[..., self.dim:]
         x1, x2 = rot.chunk(2, dim=-1)
@@ -60,16 +58,19 @@ class CausalSelfAttention(nn.Module):
         B, L = qkv.shape[:2]
         # Column layout (three, heads, head_dim): the fused layout of the released checkpoints.
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).unbind(dim=2)
-        offset = cache.seqlen_offset if cache is not None else self.context.offset(L) if self.context else 0
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            if cache is not None:
+                positions = cache.positions(L)
+            else:
+                positions = torch.arange(L, device=x.device) + (self.context.offset(L) if self.context else 0)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
         dropout = self.dropout if self.training else 0.0
         if self.context is not None:
             y = self.context.attention(q, k, v, dropout)
         elif cache is None:
             y = self._attend(q, k, v, dropout)
         else:
-            y = self._attend_cached(q, k, v, cache, offset)
+            y = self._attend_cached(q, k, v, cache)
         return self.out_proj(y.reshape(B, L, -1))
 
     def _attend(self, q, k, v, dropout: float) -> torch.Tensor:
@@ -79,23 +80,22 @@ class CausalSelfAttention(nn.Module):
                                            dropout_p=dropout, is_causal=True)
         return y.transpose(1, 2)
 
-    def _attend_cached(self, q, k, v, cache: InferenceCache, offset: int) -> torch.Tensor:
-        B, L = q.shape[:2]
-        state = cache.layers.get(self.layer_idx)
-        if state is None:
-            shape = (B, cache.max_seqlen, self.num_heads, self.head_dim)
-            state = {"k": k.new_zeros(shape), "v": v.new_zeros(shape)}
-            cache.layers[self.layer_idx] = state
-        end = offset + L
-        if end > cache.max_seqlen:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache's max_seqlen {cache.max_seqlen}")
-        state["k"][:, offset:end] = k
-        state["v"][:, offset:end] = v
-        if offset == 0:  # the prompt attends only to itself: exactly the uncached computation
+    def allocate_state(self, batch_size: int, max_seqlen: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        shape = (batch_size, max_seqlen, self.num_heads, self.head_dim)
+        device = self.out_proj.weight.device
+        return {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def _attend_cached(self, q, k, v, cache: InferenceCache) -> torch.Tensor:
+        state = cache.layers[self.layer_idx]
+        positions = cache.positions(q.shape[1])
+        state["k"].index_copy_(1, positions, k)
+        state["v"].index_copy_(1, positions, v)
+        if cache.seqlen_offset == 0:  # the prompt attends only to itself: exactly the uncached computation
             return self._attend(q, k, v, 0.0)
-        keys, values = state["k"][:, :end], state["v"][:, :end]
-        # query t (absolute offset + t) sees keys 0..offset + t; one new token sees them all
-        mask = None if L == 1 else torch.ones(L, end, dtype=torch.bool, device=q.device).tril(diagonal=offset)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                           attn_mask=mask)
+        # Always the whole cache, masked past each query's position: the shapes never change, so a
+        # step can be replayed as a CUDA graph (the unwritten tail costs max_seqlen - position reads).
+        keys = torch.arange(cache.max_seqlen, device=q.device)
+        mask = keys[None, :] <= positions[:, None]  # (L, max_seqlen)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), state["k"].transpose(1, 2),
+                                           state["v"].transpose(1, 2), attn_mask=mask)
         return y.transpose(1, 2)

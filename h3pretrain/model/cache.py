@@ -1,11 +1,14 @@
-"""Inference cache for recurrent generation.
+"""Inference cache for recurrent generation, allocated in full before the prompt runs.
 
-H3 layers keep {"shift": (B, C, N) last N inputs of k, "ssm": (B, H, hd, hd, N/2) complex state}
-and the step constants (reversed shift taps, discretised dA, dB, C); S4D layers keep {"ssm": (B, D,
-N/2) complex} and dA, dB, C; attention layers keep {"k", "v": (B, max_seqlen,
-heads, head_dim)}. `seqlen_offset` counts the tokens already consumed: 0 means the next call is the
-prompt (convolution mode, which leaves the exact states behind); after that each call advances by
-its token count.
+Every tensor has a fixed shape and every step updates it in place, so that a decode step can be
+captured once as a CUDA graph and replayed (h3pretrain.generate.CUDAGraphDecoder):
+- H3 layers: "shift" (B, C, N) ring buffer of the last N inputs of k (k_t in slot t mod N), "ssm"
+  (B, H, hd, hd, N/2) complex state, and the step constants "taps" (C, N), "dA", "dB", "C" (H, N/2);
+- S4D layers: "ssm" (B, D, N/2) complex and "dA", "dB", "C";
+- attention layers: "k", "v" (B, max_seqlen, heads, head_dim).
+`position` (a 0-dim long tensor on the model's device) is the index of the next token; the layers
+read positions only from it. `seqlen_offset` is the same count on the host: 0 means the next call is
+the prompt (convolution mode, which writes the exact states into the cache).
 """
 from __future__ import annotations
 
@@ -18,8 +21,27 @@ import torch
 class InferenceCache:
     batch_size: int
     max_seqlen: int
+    position: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
     seqlen_offset: int = 0
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def positions(self, length: int) -> torch.Tensor:
+        """(length,) long: the positions of the next `length` tokens."""
+        return self.position + torch.arange(length, device=self.position.device)
+
+    def check_room(self, length: int) -> None:
+        if self.seqlen_offset + length > self.max_seqlen:
+            raise ValueError(f"sequence of {self.seqlen_offset + length} tokens exceeds the cache's "
+                             f"max_seqlen {self.max_seqlen}")
+
+    def advance(self, length: int) -> None:
+        self.seqlen_offset += length
+        self.position += length
+
+    def reset(self) -> None:
+        """Ready for a new prompt; the prompt overwrites every state it needs."""
+        self.seqlen_offset = 0
+        self.position.zero_()
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.layers.values() for t in s.values())

@@ -47,7 +47,9 @@ class H3(nn.Module):
     def forward(self, x: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if cache is not None and cache.seqlen_offset > 0:
-            y = torch.stack([self._step(q[:, t], k[:, t], v[:, t], cache) for t in range(q.shape[1])], dim=1)
+            state, positions = cache.layers[self.layer_idx], cache.positions(q.shape[1])
+            y = torch.stack([self._step(q[:, t], k[:, t], v[:, t], positions[t], state)
+                             for t in range(q.shape[1])], dim=1)
             y = y.to(q.dtype)
         else:
             # q, k, v are (B, L, C) whatever layout x has (sequence parallel)
@@ -55,10 +57,18 @@ class H3(nn.Module):
             y = conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D, self.diag_kernel.discretize(), self.D,
                      self.head_dim)
             if cache is not None:
-                cache.layers[self.layer_idx] = self._prompt_state(k, v)
+                self._write_prompt_state(k, v, cache.layers[self.layer_idx])
         return self.output_linear(y)
 
     # ---- recurrent mode -------------------------------------------------------------------
+
+    def allocate_state(self, batch_size: int, max_seqlen: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Zeroed recurrent state (see InferenceCache); its size does not depend on max_seqlen."""
+        device, n, hd = self.D.device, self.d_state // 2, self.head_dim
+        return {"shift": torch.zeros(batch_size, self.channels, self.d_state, device=device),
+                "ssm": torch.zeros(batch_size, self.num_heads, hd, hd, n, device=device, dtype=torch.cfloat),
+                "taps": torch.zeros(self.channels, self.d_state, device=device),
+                **{name: torch.zeros(self.num_heads, n, device=device, dtype=torch.cfloat) for name in ("dA", "dB", "C")}}
 
     def _kv(self, k_shifted: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Per-head outer product; inputs (B, C, ...) -> (B, H, d1, d2, ...)."""
@@ -68,30 +78,33 @@ class H3(nn.Module):
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def _prompt_state(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _write_prompt_state(self, k: torch.Tensor, v: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         k = k.transpose(1, 2).float()  # (B, C, L)
         v = v.transpose(1, 2).float()
         N, L = self.d_state, k.shape[-1]
-        shift_state = k[..., -N:] if L >= N else nn.functional.pad(k, (N - L, 0))
+        window = k[..., -N:] if L >= N else nn.functional.pad(k, (N - L, 0))  # k_(L-N) .. k_(L-1)
+        state["shift"].copy_(window.roll(L % N, dims=-1))  # k_t goes to slot t mod N
         taps = self.shift_kernel.taps()
         k_shifted = causal_conv(k, taps, self.ssm_k_D[:, None])
-        # the steps' constants, computed once per generation rather than once per token
-        dA, dB, C = self.diag_kernel.discretize()
-        return {"shift": shift_state, "ssm": self.diag_kernel.final_state(self._kv(k_shifted, v)),
-                "taps_rev": taps.flip(-1), "dA": dA, "dB": dB, "C": C}
+        state["ssm"].copy_(self.diag_kernel.final_state(self._kv(k_shifted, v)))
+        # the steps' constants, computed once per prompt rather than once per token
+        for name, value in zip(("taps", "dA", "dB", "C"), (taps, *self.diag_kernel.discretize())):
+            state[name].copy_(value)
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-        """One token: q, k, v (B, C) -> (B, C) fp32."""
-        state = cache.layers[self.layer_idx]
+    def _step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor,
+              state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One token at `position` (0-dim tensor): q, k, v (B, C) -> (B, C) fp32; state in place."""
         q, k, v = q.float(), k.float(), v.float()
-        window = torch.cat([state["shift"][..., 1:], k[..., None]], dim=-1)  # oldest first
-        # taps_rev[-1 - j] multiplies the input j steps back
-        k_shifted = (window * state["taps_rev"]).sum(-1) + self.ssm_k_D * k
+        N = self.d_state
+        ring = state["shift"]
+        ring.index_copy_(2, (position % N).view(1), k[..., None])
+        # slot s holds k from (position - s) mod N steps back, which tap `lag` multiplies
+        lag = (position - torch.arange(N, device=k.device)) % N
+        k_shifted = (ring * state["taps"].index_select(1, lag)).sum(-1) + self.ssm_k_D * k
         kv = self._kv(k_shifted, v)  # (B, H, d1, d2)
-        y, ssm_state = self.diag_kernel.step(kv, state["ssm"], (state["dA"], state["dB"], state["C"]))
+        y, _ = self.diag_kernel.step(kv, state["ssm"], (state["dA"], state["dB"], state["C"]))
         y = y + self.D.view(-1, 1, 1) * kv
         out = (q.view(*kv.shape[:3], 1) * y).sum(dim=2)  # (B, H, d2)
-        state["shift"], state["ssm"] = window, ssm_state
         return out.reshape(q.shape)

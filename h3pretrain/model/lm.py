@@ -125,24 +125,43 @@ class HybridLM(nn.Module):
         self.backbone = Backbone(cfg, self.factory, ids, pre_process, post_process, init_seed)
 
     def forward(self, input_ids: torch.Tensor | None, cache: InferenceCache | None = None,
-                hidden: torch.Tensor | None = None) -> torch.Tensor:
+                hidden: torch.Tensor | None = None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids (B, L) -> logits (B, L, padded_vocab). With a cache: the first call is the
         prompt (convolution mode, fills the cache); later calls advance token by token.
         A stage without the embedding takes `hidden`, one without the head returns it, in the
-        residual stream's layout ((B, L, D); see LayerFactory.to_residual)."""
+        residual stream's layout ((B, L, D); see LayerFactory.to_residual).
+        logits_to_keep > 0: only the last that many positions' logits (a prompt needs one; all of
+        them would take B * L * vocab memory), for (B, L, D) residual layouts only."""
+        if cache is not None:
+            tokens = input_ids if input_ids is not None else hidden
+            if tokens.shape[0] != cache.batch_size:
+                raise ValueError(f"batch of {tokens.shape[0]} rows for a cache of {cache.batch_size}")
+            cache.check_room(tokens.shape[1])
         hidden = self.backbone(input_ids, cache=cache, hidden=hidden)
         if not self.post_process:
             return hidden
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.factory.lm_logits(hidden, self.backbone.embeddings.word_embeddings)
         if cache is not None:
-            cache.seqlen_offset += input_ids.shape[1]
+            cache.advance(input_ids.shape[1])
         return logits
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.factory.loss(logits, targets)
 
-    def allocate_cache(self, batch_size: int, max_seqlen: int) -> InferenceCache:
-        return InferenceCache(batch_size=batch_size, max_seqlen=max_seqlen)
+    def allocate_cache(self, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None) -> InferenceCache:
+        """Every layer's state, zeroed, for `batch_size` rows of up to `max_seqlen` tokens. Attention
+        keys and values take `dtype`: by default the autocast dtype when autocast is on, else the
+        dtype of the residual stream (the LayerNorm weights)."""
+        norm = next(iter(self.backbone.layers.values())).norm1.weight
+        if dtype is None:
+            on = torch.is_autocast_enabled(norm.device.type)
+            dtype = torch.get_autocast_dtype(norm.device.type) if on else norm.dtype
+        cache = InferenceCache(batch_size, max_seqlen, position=torch.zeros((), dtype=torch.long, device=norm.device))
+        for i, block in self.backbone.layers.items():
+            cache.layers[int(i)] = block.mixer.allocate_state(batch_size, max_seqlen, dtype)
+        return cache
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -34,13 +34,21 @@ class S4D(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: InferenceCache | None = None) -> torch.Tensor:
         if cache is not None and cache.seqlen_offset > 0:
-            y = torch.stack([self._step(x[:, t], cache) for t in range(x.shape[1])], dim=1)
+            state = cache.layers[self.layer_idx]
+            y = torch.stack([self._step(x[:, t], state) for t in range(x.shape[1])], dim=1)
         else:
             y = self._conv(x)
             if cache is not None:
-                dA, dB, C = self.diag_kernel.discretize()
-                cache.layers[self.layer_idx] = {"ssm": self._final_state(x), "dA": dA, "dB": dB, "C": C}
+                state = cache.layers[self.layer_idx]
+                state["ssm"].copy_(self._final_state(x))
+                for name, value in zip(("dA", "dB", "C"), self.diag_kernel.discretize()):
+                    state[name].copy_(value)
         return self.output_linear(F.gelu(y).to(x.dtype))
+
+    def allocate_state(self, batch_size: int, max_seqlen: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        D, n = self.D.shape[0], self.diag_kernel.C.shape[-2]
+        shapes = {"ssm": (batch_size, D, n), "dA": (D, n), "dB": (D, n), "C": (D, n)}
+        return {name: torch.zeros(shape, device=self.D.device, dtype=torch.cfloat) for name, shape in shapes.items()}
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
@@ -55,9 +63,8 @@ class S4D(nn.Module):
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def _step(self, u: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
-        """One token: u (B, D) -> (B, D) fp32."""
-        state = cache.layers[self.layer_idx]
+    def _step(self, u: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One token: u (B, D) -> (B, D) fp32; state in place."""
         u = u.float()
-        y, state["ssm"] = self.diag_kernel.step(u, state["ssm"], (state["dA"], state["dB"], state["C"]))
+        y, _ = self.diag_kernel.step(u, state["ssm"], (state["dA"], state["dB"], state["C"]))
         return y + self.D * u

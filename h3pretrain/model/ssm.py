@@ -79,13 +79,13 @@ class DiagSSMKernel(nn.Module):
 
     def step(self, u: torch.Tensor, state: torch.Tensor,
              discrete: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One recurrent step. u: (B, H, *inner) real; state (B, H, *inner, n) complex; `discrete`:
-        this kernel's discretize(), when the caller keeps it. Returns y = 2 Re sum_n C_n x_n
-        (without the D skip) and the new state."""
+        """One recurrent step, updating `state` in place. u: (B, H, *inner) real; state (B, H, *inner, n)
+        complex; `discrete`: this kernel's discretize(), when the caller keeps it. Returns
+        y = 2 Re sum_n C_n x_n (without the D skip) and the (same) state tensor."""
         dA, dB, C = discrete if discrete is not None else self.discretize()
         extra = u.dim() - 2
         shape = (dA.shape[0],) + (1,) * extra + (dA.shape[1],)
-        state = dA.view(shape) * state + dB.view(shape) * u.to(torch.cfloat)[..., None]
+        state.mul_(dA.view(shape)).add_(dB.view(shape) * u.to(torch.cfloat)[..., None])
         y = 2 * (C.view(shape) * state).sum(-1).real
         return y, state
 

@@ -66,17 +66,27 @@ def ssm_kernel(discrete: Discrete, length: int) -> torch.Tensor:
 
 
 def final_state(u: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """x = sum_j dA^(L-1-j) dB u_j. u: (B, H, *inner, L) real -> (B, H, *inner, n) complex64."""
-    L = u.shape[-1]
+    """x = sum_j dA^(L-1-j) dB u_j. u: (B, H, *inner, L) real -> (B, H, *inner, n) complex64.
+
+    Chunk by chunk, x <- dA^T x + sum_tau dA^(T-1-tau) u_tau, where the sum is one real batched
+    matmul per head, (H, B*inner, T) @ (H, T, 2n) against the real and imaginary parts of the
+    powers (one (H, n, chunk) table for every chunk, from split powers), and dB multiplies once at the end."""
+    B, H, L = u.shape[0], u.shape[1], u.shape[-1]
+    inner = u.shape[2:-1]
+    n = dA.shape[-1]
+    rows = u.float().reshape(B, H, -1, L).transpose(0, 1).reshape(H, -1, L)  # (H, B*inner, L)
+    T = min(chunk, L)
+    high, low, _ = _split_powers(dA, T)
+    powers = (high[..., None] * low[..., None, :]).flatten(-2)[..., :T].flip(-1)  # dA^(T-1-tau)
+    table = torch.cat([powers.real, powers.imag], dim=1).transpose(1, 2)  # (H, T, 2n): dA^(T-1-tau)
     state = None
-    for start in range(0, L, chunk):
-        stop = min(L, start + chunk)
-        exps = (L - 1 - torch.arange(start, stop, device=u.device)).float()
-        w = torch.exp(torch.log(dA)[..., None] * exps) * dB[..., None]  # (H, n, T)
-        w = _per_head(w, u.dim() + 1).transpose(-1, -2)  # (H, *1, T, n)
-        part = torch.matmul(u[..., None, start:stop].to(torch.cfloat), w).squeeze(-2)
-        state = part if state is None else state + part
-    return state
+    for start in range(0, L, T):
+        size = min(T, L - start)
+        part = torch.bmm(rows[..., start:start + size], table[:, T - size:])  # (H, B*inner, 2n)
+        part = torch.complex(part[..., :n], part[..., n:])
+        state = part if state is None else _power(dA, size)[:, None] * state + part
+    state = state * dB[:, None]
+    return state.reshape(H, B, *inner, n).movedim(0, 1)
 
 
 def state_correction(state: torch.Tensor, dA: torch.Tensor, C: torch.Tensor, length: int) -> torch.Tensor:
