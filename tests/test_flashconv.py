@@ -11,6 +11,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # while the kernels are defined: triton.ji
 from flashconv import shift_fir as fir_module  # noqa: E402
 from flashconv.shift_fir import ShiftFIR, kernels_available, shift_fir, shift_fir_reference  # noqa: E402
 from flashconv.ssm_scan import h3_ssm_reference, h3_ssm_scan  # noqa: E402
+from flashconv import reference, step  # noqa: E402
 
 if _before is None:  # the rest of the test session (and its subprocesses) keep their environment
     del os.environ["TRITON_INTERPRET"]
@@ -230,6 +231,82 @@ def test_h3_conv_triton_implementation_matches_reference(head_dim):
     for (name, _), a, b in zip(mixer.named_parameters(), grads[1], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item() + 1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("position", [0, 5, 15, 16, 37, 130])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shift_step_kernel_matches_reference(position, dtype):
+    torch.manual_seed(position)
+    B, C, N = 3, 40, 16  # 40 channels: a partial block of 32
+    ring = torch.randn(B, C, N)
+    taps, skip, k = torch.randn(C, N), torch.randn(C), torch.randn(B, C).to(dtype)
+    pos = torch.tensor(position)
+    assert step.kernels_apply(ring, N)
+    ring_ref = ring.clone()
+    y_ref = reference.shift_step(ring_ref, taps, skip, k, pos)
+    y = step.shift_step(ring, taps, skip, k, pos)
+    torch.testing.assert_close(ring, ring_ref, rtol=0, atol=0)  # the new k in slot position mod N
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shift_steps_follow_the_fir_over_a_sequence():
+    """Stepping token by token through the ring buffer gives the shift SSM's causal FIR."""
+    torch.manual_seed(0)
+    B, C, N, L = 2, 8, 16, 40
+    u, taps, skip = torch.randn(B, L, C), torch.randn(C, N), torch.randn(C)
+    ring = torch.zeros(B, C, N)
+    ys = torch.stack([step.shift_step(ring, taps, skip, u[:, t], torch.tensor(t)) for t in range(L)], dim=1)
+    torch.testing.assert_close(ys, shift_fir_reference(u, taps, skip), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inner", [(), (2, 2)])
+@pytest.mark.parametrize("with_skip", [True, False])
+def test_ssm_step_kernel_matches_reference(inner, with_skip):
+    torch.manual_seed(len(inner))
+    B, H, n = 2, 5, 8
+    discrete = tuple(torch.randn(H, n, dtype=torch.cfloat) * 0.5 for _ in range(3))
+    state = torch.randn(B, H, *inner, n, dtype=torch.cfloat)
+    u = torch.randn(B, H, *inner)
+    skip = torch.randn(H) if with_skip else None
+    state_ref = state.clone()
+    y_ref = reference.ssm_step(state_ref, discrete, u, skip)
+    assert step.kernels_apply(state, n)
+    y = step.ssm_step(state, discrete, u, skip)
+    torch.testing.assert_close(state, state_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [1, 2])
+def test_generation_with_triton_steps_matches_the_full_forward(head_dim, monkeypatch):
+    """With H3_FLASHCONV=triton the decode steps run the step kernels; pinned host counts emulate a
+    CUDA graph replay (see test_model.test_decode_steps_replay_like_a_cuda_graph)."""
+    import flashconv
+    from conftest import tiny_config
+    from h3pretrain.generate import Decoder
+    from h3pretrain.model import HybridLM
+
+    torch.manual_seed(head_dim)
+    model = HybridLM(tiny_config(ssm_head_dim=head_dim, ssm_d_state=16, attn_rotary_dim=4)).eval()
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        full = model(ids)
+    def unfused(*args, **kw):
+        raise AssertionError("a decode step fell back to the torch reference")
+
+    flashconv.set_implementation("triton")
+    try:
+        decoder = Decoder(model, 2, 30)
+        monkeypatch.setattr(flashconv.reference, "shift_step", unfused)
+        monkeypatch.setattr(flashconv.reference, "ssm_step", unfused)
+        logits = [decoder.prefill(ids[:, :20])]
+        pinned = decoder.cache.seqlen_offset
+        for t in range(20, 30):
+            decoder.cache.seqlen_offset = pinned
+            logits.append(decoder.step(ids[:, t]))
+    finally:
+        flashconv.set_implementation("reference")
+    scale = full.abs().max()
+    torch.testing.assert_close(torch.stack(logits, 1) / scale, full[:, 19:] / scale, rtol=0, atol=1e-5)
 
 
 def test_scan_launch_retries_with_one_stage_when_shared_memory_runs_out():

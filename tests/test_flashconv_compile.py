@@ -1,7 +1,7 @@
 """The FlashConv Triton kernels compile for real GPUs, without one: ahead-of-time compilation to
 sm_80 (A100) and sm_90 (H100/H200) cubins through Triton's bundled ptxas, at the constexprs the
-launchers use (bf16 training inputs, head_dim 1 and 8, 64-position chunks, d_state 64), and the
-shared memory each kernel needs fits the GPU (at the stages `ssm_scan._launch` would use).
+launchers use (bf16 training inputs, head_dim 1 and 8, 64-position chunks, d_state 64; the two
+generation step kernels), and the shared memory each kernel needs fits the GPU (at the stages `ssm_scan._launch` would use).
 
 The interpreter tests (test_flashconv.py) check the arithmetic; this checks what the interpreter does
 not: tile shapes and dtypes that the GPU compiler accepts, and resource limits. Not checked: the fp32
@@ -51,6 +51,9 @@ for hd in (1, 8):
         if row["shared"] > limit:  # what _launch does on OutOfResources
             row = compile_(fn, consts, cap, io, stages=1, warps=warps)
         rows.append(row)
+from flashconv import step  # generation: one kernel per recurrent step (fp32 state, d_state 64)
+rows.append(compile_(step._shift_step, dict(N=64, BLOCK_C=step.BLOCK_C), cap, {"pos_ptr": "*i64"}))
+rows.append(compile_(step._ssm_step, dict(n=32, HAS_SKIP=True, BLOCK_R=step.BLOCK_R), cap, {}))
 print(json.dumps(rows))
 """
 
@@ -77,8 +80,9 @@ def test_kernels_compile_for_gpus_and_fit_shared_memory(cap):
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     for r in rows:
         print(r)
-    assert {r["kernel"] for r in rows} == {"_fir_fwd", "_fir_bwd_params", "_ssm_fwd", "_ssm_bwd"}
-    assert len(rows) == 6
+    assert {r["kernel"] for r in rows} == {"_fir_fwd", "_fir_bwd_params", "_ssm_fwd", "_ssm_bwd", "_shift_step",
+                                           "_ssm_step"}
+    assert len(rows) == 8
     for r in rows:
         assert r["cubin_bytes"] > 0
         assert r["shared"] <= SHARED_LIMIT[cap], r

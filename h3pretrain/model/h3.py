@@ -97,14 +97,8 @@ class H3(nn.Module):
               state: dict[str, torch.Tensor]) -> torch.Tensor:
         """One token at `position` (0-dim tensor): q, k, v (B, C) -> (B, C) fp32; state in place."""
         q, k, v = q.float(), k.float(), v.float()
-        N = self.d_state
-        ring = state["shift"]
-        ring.index_copy_(2, (position % N).view(1), k[..., None])
-        # slot s holds k from (position - s) mod N steps back, which tap `lag` multiplies
-        lag = (position - torch.arange(N, device=k.device)) % N
-        k_shifted = (ring * state["taps"].index_select(1, lag)).sum(-1) + self.ssm_k_D * k
+        k_shifted = flashconv.shift_step(state["shift"], state["taps"], self.ssm_k_D, k, position)
         kv = self._kv(k_shifted, v)  # (B, H, d1, d2)
-        y, _ = self.diag_kernel.step(kv, state["ssm"], (state["dA"], state["dB"], state["C"]))
-        y = y + self.D.view(-1, 1, 1) * kv
+        y = flashconv.ssm_step(state["ssm"], (state["dA"], state["dB"], state["C"]), kv, self.D)
         out = (q.view(*kv.shape[:3], 1) * y).sum(dim=2)  # (B, H, d2)
         return out.reshape(q.shape)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import flashconv
 from flashconv.reference import causal_conv
 
 from .cache import InferenceCache
@@ -66,5 +67,4 @@ class S4D(nn.Module):
     def _step(self, u: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """One token: u (B, D) -> (B, D) fp32; state in place."""
         u = u.float()
-        y, _ = self.diag_kernel.step(u, state["ssm"], (state["dA"], state["dB"], state["C"]))
-        return y + self.D * u
+        return flashconv.ssm_step(state["ssm"], (state["dA"], state["dB"], state["C"]), u, self.D)

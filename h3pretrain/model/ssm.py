@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashconv.reference import ssm_step
 from flashconv.state_passing import final_state, ssm_kernel
 
 # Parameters that get weight decay 0 (DESIGN.md section 1); C and D are decayed.
@@ -82,11 +83,7 @@ class DiagSSMKernel(nn.Module):
         """One recurrent step, updating `state` in place. u: (B, H, *inner) real; state (B, H, *inner, n)
         complex; `discrete`: this kernel's discretize(), when the caller keeps it. Returns
         y = 2 Re sum_n C_n x_n (without the D skip) and the (same) state tensor."""
-        dA, dB, C = discrete if discrete is not None else self.discretize()
-        extra = u.dim() - 2
-        shape = (dA.shape[0],) + (1,) * extra + (dA.shape[1],)
-        state.mul_(dA.view(shape)).add_(dB.view(shape) * u.to(torch.cfloat)[..., None])
-        y = 2 * (C.view(shape) * state).sum(-1).real
+        y = ssm_step(state, discrete if discrete is not None else self.discretize(), u)
         return y, state
 
 

@@ -3,7 +3,8 @@
 `h3_conv` is the one entry point the model calls. Two implementations behind it:
 - "reference": the fp32 torch.fft formulation (`flashconv.reference`), the default;
 - "triton": the fused kernels — the shift SSM's FIR (`shift_fir`) and the diagonal SSM as a chunked
-  scan with the kv outer product and the q gating fused in (`ssm_scan`). Chosen with the environment
+  scan with the kv outer product and the q gating fused in (`ssm_scan`); for generation, one
+  kernel per recurrent step of each SSM (`step`). Chosen with the environment
   variable H3_FLASHCONV=triton (or `set_implementation`); it runs where Triton can (CUDA, or the CPU
   interpreter under TRITON_INTERPRET=1) and falls back to the reference elsewhere. It is not the
   default until it has been validated and measured on a GPU (bench/bench_kernels.py).
@@ -14,10 +15,12 @@ import os
 
 import torch
 
+from . import reference
 from .reference import causal_conv, fft_size, h3_conv_reference
 from .state_passing import Discrete, ssm_kernel
 
-__all__ = ["h3_conv", "causal_conv", "fft_size", "h3_conv_reference", "set_implementation", "implementation"]
+__all__ = ["h3_conv", "shift_step", "ssm_step", "causal_conv", "fft_size", "h3_conv_reference",
+           "set_implementation", "implementation"]
 
 _IMPLEMENTATIONS = ("reference", "triton")
 _choice = os.environ.get("H3_FLASHCONV", "reference")
@@ -64,3 +67,24 @@ def h3_conv(
                 k_shifted = ShiftFIR.apply(k, shift_taps, shift_skip)
                 return h3_ssm_scan(q, k_shifted, v, discrete, ssm_skip, head_dim).to(q.dtype)
     return h3_conv_reference(q, k, v, shift_taps, shift_skip, ssm_kernel(discrete, q.shape[1]), ssm_skip, head_dim)
+
+
+def shift_step(ring: torch.Tensor, taps: torch.Tensor, skip: torch.Tensor, k: torch.Tensor,
+               position: torch.Tensor) -> torch.Tensor:
+    """One generation step of the shift SSM (see `reference.shift_step`)."""
+    if implementation(k.device) == "triton":
+        from . import step
+
+        if step.kernels_apply(ring, ring.shape[-1]):
+            return step.shift_step(ring, taps, skip, k, position)
+    return reference.shift_step(ring, taps, skip, k, position)
+
+
+def ssm_step(state: torch.Tensor, discrete: Discrete, u: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    """One generation step of the diagonal SSM (see `reference.ssm_step`)."""
+    if implementation(u.device) == "triton":
+        from . import step
+
+        if step.kernels_apply(state, discrete[0].shape[-1]):
+            return step.ssm_step(state, discrete, u, skip)
+    return reference.ssm_step(state, discrete, u, skip)

@@ -79,3 +79,30 @@ def pad_taps(taps: torch.Tensor, length: int) -> torch.Tensor:
     """Zero-pad (or cut) FIR taps to `length` along the last axis."""
     n = taps.shape[-1]
     return taps[..., :length] if n >= length else F.pad(taps, (0, length - n))
+
+
+def shift_step(ring: torch.Tensor, taps: torch.Tensor, skip: torch.Tensor, k: torch.Tensor,
+               position: torch.Tensor) -> torch.Tensor:
+    """The shift SSM's step: ring (B, C, N) fp32 takes k_t in slot t mod N (in place); returns
+    k'_t = sum_j taps[j] k_(t-j) + skip k_t, (B, C) fp32. taps (C, N), skip (C,), k (B, C),
+    position: t as a 0-dim long tensor."""
+    N = ring.shape[-1]
+    k = k.float()
+    ring.index_copy_(2, (position % N).view(1), k[..., None])
+    # slot s holds k from (position - s) mod N steps back, which tap `lag` multiplies
+    lag = (position - torch.arange(N, device=k.device)) % N
+    return (ring * taps.index_select(1, lag)).sum(-1) + skip * k
+
+
+def ssm_step(state: torch.Tensor, discrete: tuple[torch.Tensor, torch.Tensor, torch.Tensor], u: torch.Tensor,
+             skip: torch.Tensor | None = None) -> torch.Tensor:
+    """The diagonal SSM's step: state (B, H, *inner, n) complex64 <- dA x + dB u (in place); returns
+    y = 2 Re sum_n C_n x_n (+ skip u), (B, H, *inner) fp32. (dA, dB, C) each (H, n) complex,
+    u (B, H, *inner) real, skip (H,) or None."""
+    dA, dB, C = discrete
+    shape = (dA.shape[0],) + (1,) * (u.dim() - 2) + (dA.shape[1],)
+    state.mul_(dA.view(shape)).add_(dB.view(shape) * u.to(torch.cfloat)[..., None])
+    y = 2 * (C.view(shape) * state).sum(-1).real
+    if skip is not None:
+        y = y + skip.view(skip.shape[0], *([1] * (u.dim() - 2))) * u.float()
+    return y
