@@ -21,6 +21,7 @@ import time
 
 import torch
 
+import flashconv
 from h3pretrain.config import preset
 from h3pretrain.generate import CUDAGraphDecoder, Decoder, generate
 from h3pretrain.model import HybridLM
@@ -70,13 +71,11 @@ def measure(model: HybridLM, decoder: Decoder, ids: torch.Tensor, new: int, repe
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
 
 
-def graph_agreement(model: HybridLM, ids: torch.Tensor, new: int) -> float:
-    """The CUDA-graph decoder generates what the eager one does (greedy, so exactly the same ids
-    unless two logits tie within bf16 rounding; the fraction that agrees is printed)."""
-    eager = generate(model, ids, new)
-    graph = generate(model, ids, new, cuda_graph=True)
-    agree = (eager == graph).float().mean().item()
-    print(f"  CUDA graph vs eager greedy tokens: {agree:.4f} agree", flush=True)
+def agreement(a: torch.Tensor, b: torch.Tensor, what: str) -> float:
+    """Greedy ids of two ways to generate: the same unless two logits tie within bf16 rounding (and
+    one early difference changes everything after it), so the fraction is printed and recorded."""
+    agree = (a == b).float().mean().item()
+    print(f"  {what}: {agree:.4f} of the greedy tokens agree", flush=True)
     return agree
 
 
@@ -87,48 +86,65 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per point (the fastest is kept)")
+    ap.add_argument("--flashconv", nargs="+", choices=["reference", "triton"], default=None,
+                    help="the hybrid's H3 implementations to time (default: both where Triton runs on the GPU)")
     ap.add_argument("--out", default="", help="JSON results file (default: bench/results/generate-<device>.json)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    impls = args.flashconv or (["reference", "triton"] if flashconv.implementation_available(device) else ["reference"])
     name = device_name(device)
     result = {"device": name, "torch": torch.__version__, "preset": args.preset, "dtype": str(dtype),
-              "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "runs": []}
+              "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"), "runs": [],
+              "agreement": {}}
     print(f"{name} | {args.preset} | {dtype} | batch {args.batch} | {args.new_tokens} new tokens", flush=True)
     modes = ["eager", "cuda-graph"] if device.type == "cuda" else ["eager"]
-    result["modes"] = modes
+    new = args.new_tokens
+    check = torch.randint(0, 1000, (args.batch, args.prompts[0]), device=device)  # agreement checks
     for mixer, label in (("h3", "hybrid-h3"), ("attention", "transformer")):
         model = build(args.preset, mixer, device, dtype)
-        new = args.new_tokens
-        for prompt in args.prompts:
-            ids = torch.randint(0, model.config.vocab_size, (args.batch, prompt), device=device)
-            for mode in modes:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                if mode == "cuda-graph" and prompt == args.prompts[0]:
-                    result.setdefault("graph_agreement", {})[label] = graph_agreement(model, ids, min(new, 32))
-                decoder = (CUDAGraphDecoder if mode == "cuda-graph" else Decoder)(model, args.batch, prompt + new)
-                generate(model, ids, min(new, 4), decoder=decoder)  # warm-up
-                r = {"model": label, "mode": mode, "parameters": model.num_parameters(),
-                     **measure(model, decoder, ids, new, args.repeats)}
-                del decoder
-                result["runs"].append(r)
-                print(f"{label:12s} {mode:10s} prompt {prompt:5d}: {r['tokens_per_s']:10.1f} tokens/s "
-                      f"(prefill {r['prefill_seconds']:.3f} s, total {r['seconds']:.3f} s, decode "
-                      f"{r['decode_tokens_per_s']:.1f} tokens/s)", flush=True)
+        reference_ids = generate(model, check, min(new, 32))
+        for impl in impls if mixer == "h3" else ["reference"]:
+            flashconv.set_implementation(impl)
+            if impl != "reference":
+                result["agreement"][f"{label}, flashconv {impl} vs reference"] = agreement(
+                    generate(model, check, min(new, 32)), reference_ids, f"flashconv {impl} vs reference")
+            if "cuda-graph" in modes:
+                result["agreement"][f"{label}, flashconv {impl}, cuda-graph vs eager"] = agreement(
+                    generate(model, check, min(new, 32), cuda_graph=True), generate(model, check, min(new, 32)),
+                    f"flashconv {impl}, CUDA graph vs eager")
+            for prompt in args.prompts:
+                ids = torch.randint(0, model.config.vocab_size, (args.batch, prompt), device=device)
+                for mode in modes:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    decoder = (CUDAGraphDecoder if mode == "cuda-graph" else Decoder)(model, args.batch, prompt + new)
+                    generate(model, ids, min(new, 4), decoder=decoder)  # warm-up
+                    run = mode if label == "transformer" else f"{mode}, flashconv {impl}"
+                    r = {"model": label, "mode": mode, "flashconv": impl if label != "transformer" else None,
+                         "run": run, "parameters": model.num_parameters(),
+                         **measure(model, decoder, ids, new, args.repeats)}
+                    del decoder
+                    result["runs"].append(r)
+                    print(f"{label:12s} {run:28s} prompt {prompt:5d}: {r['tokens_per_s']:10.1f} tokens/s "
+                          f"(prefill {r['prefill_seconds']:.3f} s, total {r['seconds']:.3f} s, decode "
+                          f"{r['decode_tokens_per_s']:.1f} tokens/s)", flush=True)
+        flashconv.set_implementation("reference")
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    by = {(r["model"], r["mode"], r["prompt"]): r for r in result["runs"]}
-    for key in ("tokens_per_s", "decode_tokens_per_s"):
-        result["speedup" if key == "tokens_per_s" else "decode_speedup"] = {
-            mode: {str(p): by["hybrid-h3", mode, p][key] / by["transformer", mode, p][key] for p in args.prompts}
-            for mode in modes}
-    for mode in modes:
-        print(f"hybrid / transformer, {mode}: " + ", ".join(
-            f"{p}: {s:.2f}x (decode {result['decode_speedup'][mode][p]:.2f}x)"
-            for p, s in result["speedup"][mode].items()), flush=True)
+    transformer = {(r["mode"], r["prompt"]): r for r in result["runs"] if r["model"] == "transformer"}
+    result["speedup"], result["decode_speedup"] = {}, {}
+    for r in result["runs"]:
+        if r["model"] == "hybrid-h3":
+            base = transformer[r["mode"], r["prompt"]]
+            result["speedup"].setdefault(r["run"], {})[str(r["prompt"])] = r["tokens_per_s"] / base["tokens_per_s"]
+            result["decode_speedup"].setdefault(r["run"], {})[str(r["prompt"])] = (
+                r["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+    for run, by_prompt in result["speedup"].items():
+        print(f"hybrid / transformer, {run}: " + ", ".join(
+            f"{p}: {s:.2f}x (decode {result['decode_speedup'][run][p]:.2f}x)" for p, s in by_prompt.items()), flush=True)
     write_result(result, args.out, f"bench/results/generate-{'gpu' if device.type == 'cuda' else 'cpu'}.json")
     return 0
 

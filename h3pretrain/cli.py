@@ -186,11 +186,13 @@ def _generate(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(prompt)
     stream = TextStream(sp.decode, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    # a CUDA graph cannot capture autocast's weight cache (it is filled on the first call only)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not args.cuda_graph)
+                if args.bf16 else nullcontext())
     with autocast:
         generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, eos_id=None if args.ignore_eos else sp.eos_id(),
-                 generator=generator, on_token=stream)
+                 generator=generator, on_token=stream, cuda_graph=args.cuda_graph)
     stream.flush()
     sys.stdout.write("\n")
     return 0
@@ -315,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="SentencePiece .model (default: the one in the run's data directory)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (SSMs stay fp32)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each decode step as one CUDA graph (CUDA only; fewer kernel launches)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on prepared shards")

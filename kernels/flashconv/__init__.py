@@ -35,14 +35,16 @@ def set_implementation(name: str) -> None:
     _choice = name
 
 
+def implementation_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device` (whatever is chosen now)."""
+    from .shift_fir import kernels_available
+
+    return kernels_available(device)
+
+
 def implementation(device: torch.device) -> str:
     """What h3_conv runs on `device` now (shapes the kernels don't support also fall back)."""
-    if _choice == "triton":
-        from .shift_fir import kernels_available
-
-        if kernels_available(device):
-            return "triton"
-    return "reference"
+    return "triton" if _choice == "triton" and implementation_available(device) else "reference"
 
 
 def h3_conv(
