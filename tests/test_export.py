@@ -112,6 +112,20 @@ def test_hf_beam_search_and_sampling_with_the_recurrent_cache(tmp_path):
         hf(prompt, attention_mask=torch.tensor([[0] * 3 + [1] * 6, [1] * 9]))
 
 
+@pytest.mark.parametrize("inner", [(), (2, 2)])
+def test_hf_final_state_equals_ours_over_several_chunks(inner):
+    """The exported code's prompt state (its own copy: it may not import h3pretrain) equals
+    flashconv's, with the sequence split into chunks."""
+    from h3pretrain.export.hf_modeling.modeling_h3 import DiagSSMKernel as HFKernel
+    from h3pretrain.model.ssm import DiagSSMKernel
+
+    torch.manual_seed(0)
+    ours, theirs = DiagSSMKernel(3, 16), HFKernel(3, 16)
+    theirs.load_state_dict(ours.state_dict())
+    u = torch.randn(2, 3, *inner, 50)
+    torch.testing.assert_close(theirs.final_state(u, chunk=16), ours.final_state(u, chunk=512), rtol=1e-4, atol=1e-5)
+
+
 def test_exported_code_does_not_import_h3pretrain(tmp_path):
     ours = _random_model(ssm_head_dim=2)
     export_hf(ours.config, ours.state_dict(), tmp_path / "hf")

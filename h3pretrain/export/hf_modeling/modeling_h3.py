@@ -102,20 +102,24 @@ class DiagSSMKernel(nn.Module):
         return K.reshape(K.shape[0], -1)[:, :length]
 
     def final_state(self, u: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-        """x = sum_j dA^(L-1-j) dB u_j; u (B, H, *inner, L) real -> (B, H, *inner, N/2) complex."""
+        """x = sum_j dA^(L-1-j) dB u_j; u (B, H, *inner, L) real -> (B, H, *inner, N/2) complex.
+        Chunk by chunk x <- dA^T x + sum_tau dA^(T-1-tau) u_tau, the sum a real matmul per head
+        (nothing of size B * H * L * N/2 is formed)."""
         dA, dB, _ = self.discretize()
         log_dA = torch.log(dA)
-        L = u.shape[-1]
-        H, n = dA.shape
-        extra = u.dim() - 3
+        B, H, L = u.shape[0], u.shape[1], u.shape[-1]
+        inner, n = u.shape[2:-1], dA.shape[-1]
+        rows = u.float().reshape(B, H, -1, L).transpose(0, 1).reshape(H, -1, L)  # (H, B*inner, L)
+        T = min(chunk, L)
+        powers = torch.exp(log_dA[:, :, None] * torch.arange(T - 1, -1, -1, device=u.device))  # dA^(T-1-tau)
+        table = torch.cat([powers.real, powers.imag], dim=1).transpose(1, 2)  # (H, T, 2n)
         state = None
-        for start in range(0, L, chunk):
-            stop = min(L, start + chunk)
-            powers = torch.exp(log_dA[:, :, None] * (L - 1 - torch.arange(start, stop, device=u.device)))
-            w = (powers * dB[:, :, None]).view(H, *([1] * extra), n, stop - start)
-            part = torch.matmul(u[..., None, start:stop].to(torch.cfloat), w.transpose(-1, -2)).squeeze(-2)
-            state = part if state is None else state + part
-        return state
+        for start in range(0, L, T):
+            size = min(T, L - start)
+            part = torch.bmm(rows[..., start:start + size], table[:, T - size:])
+            part = torch.complex(part[..., :n], part[..., n:])
+            state = part if state is None else torch.exp(log_dA * size)[:, None] * state + part
+        return (state * dB[:, None]).reshape(H, B, *inner, n).movedim(0, 1)
 
     def step(self, u: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u (B, H, *inner) real, state (B, H, *inner, N/2) -> (2 Re sum_n C_n x_n, new state)."""
