@@ -3,7 +3,8 @@
     python bench/gpu_check.py --out bench/results/gpu-check.json
 
 1. Correctness on CUDA: convolution mode == recurrent mode (fp32) for head_dim 1 and 8; bf16
-   autocast logits close to fp32.
+   autocast logits close to fp32; CUDA-graph decoding == eager decoding (prompts of 1, 2, 17 and
+   100 tokens; H3 steps in torch and as Triton kernels).
 2. Training step throughput (fwd+bwd+AdamW, bf16 autocast) at B*L = 16K tokens: hybrid H3 125M vs
    the same shape with attention in every layer (GPT-2-125M-like, SDPA), plus peak memory.
 """
@@ -18,7 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import flashconv
 from h3pretrain.config import preset
+from h3pretrain.generate import CUDAGraphDecoder, Decoder
 from h3pretrain.model import HybridLM
 
 
@@ -39,6 +42,28 @@ def check_modes(device) -> dict:
         scale = full.abs().max().item()
         out[f"hd{hd}"] = {"conv_vs_recurrent_max_rel": (stepped - full).abs().max().item() / scale,
                           "bf16_vs_fp32_max_rel": (low - full).abs().max().item() / scale}
+    return out
+
+
+def check_graph_decoding(device) -> dict:
+    """Max relative logit difference between CUDA-graph and eager decoding, teacher-forced."""
+    out = {}
+    for hd in (1, 8):
+        cfg = preset("tiny")
+        cfg.ssm_head_dim, cfg.embed_dropout, cfg.attn_dropout = hd, 0.0, 0.0
+        model = HybridLM(cfg).to(device).eval()
+        ids = torch.randint(0, cfg.vocab_size, (3, 140), device=device)
+        for impl in ("reference", "triton"):
+            flashconv.set_implementation(impl)
+            for prompt in (1, 2, 17, 100):
+                logits = []
+                for decoder in (Decoder(model, 3, 140), CUDAGraphDecoder(model, 3, 140)):
+                    steps = [decoder.prefill(ids[:, :prompt]).clone()]
+                    steps += [decoder.step(ids[:, t]).clone() for t in range(prompt, 140)]
+                    logits.append(torch.stack(steps, 1))
+                scale = logits[0].abs().max().item()
+                out[f"hd{hd}/{impl}/prompt{prompt}"] = (logits[1] - logits[0]).abs().max().item() / scale
+        flashconv.set_implementation("reference")
     return out
 
 
@@ -77,6 +102,8 @@ def main() -> int:
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
               "command": " ".join(["python", *sys.argv]), "modes": check_modes(device), "training": []}
     print(json.dumps(result["modes"], indent=1), flush=True)
+    result["graph_vs_eager_max_rel"] = check_graph_decoding(device)
+    print(json.dumps(result["graph_vs_eager_max_rel"], indent=1), flush=True)
     for L in (2048, 8192):
         for name in ("hybrid-h3-125m", "attention-125m"):
             cfg = preset("125m")

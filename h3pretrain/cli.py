@@ -186,9 +186,7 @@ def _generate(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(prompt)
     stream = TextStream(sp.decode, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    # a CUDA graph cannot capture autocast's weight cache (it is filled on the first call only)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not args.cuda_graph)
-                if args.bf16 else nullcontext())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     with autocast:
         generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, eos_id=None if args.ignore_eos else sp.eos_id(),

@@ -48,6 +48,10 @@ class Decoder:
         return self.model(token[:, None], cache=self.cache)[:, -1]
 
 
+def _autocast_state() -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+
 class CUDAGraphDecoder(Decoder):
     """A Decoder whose step is one CUDA graph, captured at construction and replayed per token: the
     step's hundreds of small kernels cost one launch (as in the H3 paper's generation benchmark,
@@ -60,23 +64,41 @@ class CUDAGraphDecoder(Decoder):
         device = self.cache.position.device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {device}")
+        # The graph replays the precision it was captured in; autocast's weight cache cannot be
+        # captured (its casts are freed when the autocast region ends), so it is off in here.
+        self.autocast = _autocast_state()
+        self.cache.static_shapes = True
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.cache.seqlen_offset = 1  # any value > 0: the layers take their one-token path
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # allocator and library warm-up, outside the capture
-            for _ in range(warmup):
-                model(self.token, cache=self.cache)
-        torch.cuda.current_stream().wait_stream(side)
-        self.cache.seqlen_offset = 1
-        self.cache.position.zero_()  # what capture and warm-up wrote at position 0 the prompt overwrites
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.token, cache=self.cache)[:, -1]
+        with torch.autocast("cuda", dtype=self.autocast[1], enabled=self.autocast[0], cache_enabled=False):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # allocator and library warm-up, outside the capture
+                for _ in range(warmup):
+                    self._at_first_step()
+                    model(self.token, cache=self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self._at_first_step()  # what capture and warm-up wrote at position 0 the prompt overwrites
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model(self.token, cache=self.cache)[:, -1]
         self.cache.reset()
+
+    def _at_first_step(self) -> None:
+        self.cache.seqlen_offset = 1  # any value > 0: the layers take their one-token path
+        self.cache.position.zero_()
+
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._check_autocast()
+        return super().prefill(input_ids)
+
+    def _check_autocast(self) -> None:
+        if _autocast_state() != self.autocast:
+            raise ValueError(f"this CUDA graph was captured with CUDA autocast (enabled, dtype) = {self.autocast}, "
+                             f"now it is {_autocast_state()}")
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
+        self._check_autocast()
         self.cache.check_room(1)
         self.token.copy_(token[:, None])
         self.graph.replay()  # advances cache.position on the device
@@ -96,6 +118,9 @@ def generate(model: HybridLM, input_ids: torch.Tensor, max_new_tokens: int, *, t
     B, L = input_ids.shape
     if decoder is None:
         decoder = (CUDAGraphDecoder if cuda_graph else Decoder)(model, B, L + max_new_tokens)
+    elif decoder.cache.batch_size != B or decoder.cache.max_seqlen < L + max_new_tokens - 1:
+        raise ValueError(f"the decoder holds {decoder.cache.batch_size} rows of {decoder.cache.max_seqlen} tokens: "
+                         f"too few for {B} rows of {L} + {max_new_tokens} new")
     vocab = model.config.vocab_size  # never sample the padding rows of the embedding
     logits = decoder.prefill(input_ids)[:, :vocab]
     out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)

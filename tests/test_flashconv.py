@@ -296,6 +296,7 @@ def test_generation_with_triton_steps_matches_the_full_forward(head_dim, monkeyp
     flashconv.set_implementation("triton")
     try:
         decoder = Decoder(model, 2, 30)
+        decoder.cache.static_shapes = True
         monkeypatch.setattr(flashconv.reference, "shift_step", unfused)
         monkeypatch.setattr(flashconv.reference, "ssm_step", unfused)
         logits = [decoder.prefill(ids[:, :20])]

@@ -47,15 +47,20 @@ def test_convolution_mode_equals_recurrent_mode(head_dim):
     torch.testing.assert_close(stepped / scale, full / scale, rtol=0, atol=1e-5)
 
 
-def test_recurrent_state_is_constant_size():
+def test_recurrent_state_is_constant_size_and_stays_in_place():
     model = _model()
     sizes = []
-    with torch.no_grad():
-        for L in (5, 60):
-            cache = model.allocate_cache(1, L + 1)
-            model(torch.randint(0, 97, (1, L)), cache=cache)
-            sizes.append(sum(t.numel() for i, s in cache.layers.items() if i != 1 for t in s.values()))
-    assert sizes[0] == sizes[1]  # H3 layers: independent of context length
+    for L in (5, 60):
+        decoder = Decoder(model, 1, L + 2)
+        before = {(i, k): (t.data_ptr(), t.shape) for i, state in decoder.cache.layers.items() for k, t in state.items()}
+        ids = torch.randint(0, 97, (1, L + 1))
+        decoder.prefill(ids[:, :L])
+        decoder.step(ids[:, L])
+        assert {(i, k): (t.data_ptr(), t.shape) for i, state in decoder.cache.layers.items()
+                for k, t in state.items()} == before  # prompt and step write into the allocated tensors
+        sizes.append({i: sum(t.numel() for t in s.values()) for i, s in decoder.cache.layers.items()})
+    assert sizes[0][0] == sizes[1][0] and sizes[0][2] == sizes[1][2]  # H3 layers: independent of context
+    assert sizes[1][1] > sizes[0][1]  # the attention layer's keys and values grow with it
 
 
 @pytest.mark.parametrize("head_dim", [1, 8])
@@ -79,6 +84,7 @@ def test_decode_steps_replay_like_a_cuda_graph(mixer):
     with torch.no_grad():
         full = model(ids)
     decoder = Decoder(model, 2, 40)
+    decoder.cache.static_shapes = True  # as CUDAGraphDecoder sets it
     prompt = 13  # > d_state and not a multiple of it: the shift ring buffer starts mid-way
     logits = [decoder.prefill(ids[:, :prompt])]
     addresses = {(i, k): t.data_ptr() for i, state in decoder.cache.layers.items() for k, t in state.items()}
@@ -98,8 +104,10 @@ def test_decoder_is_reusable_and_guards_its_cache():
     for prompt in (torch.randint(0, 97, (2, 25)), torch.randint(0, 97, (2, 9))):  # long, then short
         out = generate(model, prompt, 5, decoder=decoder)
         torch.testing.assert_close(out, generate(model, prompt, 5), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="exceeds the cache's max_seqlen 30"):
+    with pytest.raises(ValueError, match="holds 2 rows of 30 tokens: too few for 2 rows of 28 \\+ 5 new"):
         generate(model, torch.randint(0, 97, (2, 28)), 5, decoder=decoder)
+    with pytest.raises(ValueError, match="exceeds the cache's max_seqlen 30"):
+        decoder.prefill(torch.randint(0, 97, (2, 31)))
     with pytest.raises(ValueError, match="batch of 3 rows for a cache of 2"):
         decoder.prefill(torch.randint(0, 97, (3, 4)))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):

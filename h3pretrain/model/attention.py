@@ -87,15 +87,22 @@ class CausalSelfAttention(nn.Module):
 
     def _attend_cached(self, q, k, v, cache: InferenceCache) -> torch.Tensor:
         state = cache.layers[self.layer_idx]
-        positions = cache.positions(q.shape[1])
+        L = q.shape[1]
+        positions = cache.positions(L)
         state["k"].index_copy_(1, positions, k)
         state["v"].index_copy_(1, positions, v)
         if cache.seqlen_offset == 0:  # the prompt attends only to itself: exactly the uncached computation
             return self._attend(q, k, v, 0.0)
-        # Always the whole cache, masked past each query's position: the shapes never change, so a
-        # step can be replayed as a CUDA graph (the unwritten tail costs max_seqlen - position reads).
-        keys = torch.arange(cache.max_seqlen, device=q.device)
-        mask = keys[None, :] <= positions[:, None]  # (L, max_seqlen)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), state["k"].transpose(1, 2),
-                                           state["v"].transpose(1, 2), attn_mask=mask)
+        if cache.static_shapes:
+            # the whole cache, masked past each query's position: the shapes never change, so a step
+            # can be replayed as a CUDA graph (reading max_seqlen - position keys more than needed)
+            keys, values = state["k"], state["v"]
+            mask = torch.arange(cache.max_seqlen, device=q.device)[None, :] <= positions[:, None]
+        else:
+            end = cache.seqlen_offset + L
+            keys, values = state["k"][:, :end], state["v"][:, :end]
+            # query t sees keys up to seqlen_offset + t; one new token sees them all
+            mask = None if L == 1 else torch.ones(L, end, dtype=torch.bool, device=q.device).tril(cache.seqlen_offset)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=mask)
         return y.transpose(1, 2)

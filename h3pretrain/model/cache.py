@@ -8,7 +8,9 @@ captured once as a CUDA graph and replayed (h3pretrain.generate.CUDAGraphDecoder
 - attention layers: "k", "v" (B, max_seqlen, heads, head_dim).
 `position` (a 0-dim long tensor on the model's device) is the index of the next token; the layers
 read positions only from it. `seqlen_offset` is the same count on the host: 0 means the next call is
-the prompt (convolution mode, which writes the exact states into the cache).
+the prompt (convolution mode, which writes the exact states into the cache). `static_shapes`: the
+decode steps keep fixed shapes, attention reading the whole cache under a mask (what a CUDA graph
+needs); otherwise attention reads the `seqlen_offset` keys written so far.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class InferenceCache:
     max_seqlen: int
     position: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
     seqlen_offset: int = 0
+    static_shapes: bool = False
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def positions(self, length: int) -> torch.Tensor:
