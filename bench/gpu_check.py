@@ -25,13 +25,17 @@ from h3pretrain.generate import CUDAGraphDecoder, Decoder
 from h3pretrain.model import HybridLM
 
 
+def tiny_model(head_dim: int, device) -> HybridLM:
+    cfg = preset("tiny")
+    cfg.ssm_head_dim, cfg.embed_dropout, cfg.attn_dropout = head_dim, 0.0, 0.0
+    return HybridLM(cfg).to(device).eval()
+
+
 def check_modes(device) -> dict:
     out = {}
     for hd in (1, 8):
-        cfg = preset("tiny")
-        cfg.ssm_head_dim, cfg.embed_dropout, cfg.attn_dropout = hd, 0.0, 0.0
-        model = HybridLM(cfg).to(device).eval()
-        ids = torch.randint(0, cfg.vocab_size, (2, 300), device=device)
+        model = tiny_model(hd, device)
+        ids = torch.randint(0, model.config.vocab_size, (2, 300), device=device)
         with torch.no_grad():
             full = model(ids)
             cache = model.allocate_cache(2, 300)
@@ -49,10 +53,8 @@ def check_graph_decoding(device) -> dict:
     """Max relative logit difference between CUDA-graph and eager decoding, teacher-forced."""
     out = {}
     for hd in (1, 8):
-        cfg = preset("tiny")
-        cfg.ssm_head_dim, cfg.embed_dropout, cfg.attn_dropout = hd, 0.0, 0.0
-        model = HybridLM(cfg).to(device).eval()
-        ids = torch.randint(0, cfg.vocab_size, (3, 140), device=device)
+        model = tiny_model(hd, device)
+        ids = torch.randint(0, model.config.vocab_size, (3, 140), device=device)
         for impl in ("reference", "triton"):
             flashconv.set_implementation(impl)
             for prompt in (1, 2, 17, 100):
