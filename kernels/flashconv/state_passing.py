@@ -76,9 +76,10 @@ def final_state(u: torch.Tensor, dA: torch.Tensor, dB: torch.Tensor, chunk: int 
     n = dA.shape[-1]
     rows = u.float().reshape(B, H, -1, L).transpose(0, 1).reshape(H, -1, L)  # (H, B*inner, L)
     T = min(chunk, L)
-    high, low, _ = _split_powers(dA, T)
-    powers = (high[..., None] * low[..., None, :]).flatten(-2)[..., :T].flip(-1)  # dA^(T-1-tau)
-    table = torch.cat([powers.real, powers.imag], dim=1).transpose(1, 2)  # (H, T, 2n): dA^(T-1-tau)
+    high, low, S = _split_powers(dA, T)
+    # descending exponents A*S-1 .. 0 from the two factors reversed; the last T are T-1 .. 0
+    powers = (high.flip(-1)[..., None] * low.flip(-1)[..., None, :]).flatten(-2)[..., high.shape[-1] * S - T:]
+    table = torch.cat([powers.real, powers.imag], dim=1).transpose(1, 2)  # (H, T, 2n), a view of (H, 2n, T)
     state = None
     for start in range(0, L, T):
         size = min(T, L - start)
