@@ -103,16 +103,17 @@ def main() -> int:
     check = torch.randint(0, 1000, (args.batch, args.prompts[0]), device=device)  # agreement checks
     for mixer, label in (("h3", "hybrid-h3"), ("attention", "transformer")):
         model = build(args.preset, mixer, device, dtype)
-        reference_ids = generate(model, check, min(new, 32))
+        short = min(new, 32)
+        reference_ids = generate(model, check, short)
         for impl in impls if mixer == "h3" else ["reference"]:
             flashconv.set_implementation(impl)
+            eager_ids = reference_ids if impl == "reference" else generate(model, check, short)
             if impl != "reference":
                 result["agreement"][f"{label}, flashconv {impl} vs reference"] = agreement(
-                    generate(model, check, min(new, 32)), reference_ids, f"flashconv {impl} vs reference")
+                    eager_ids, reference_ids, f"flashconv {impl} vs reference")
             if "cuda-graph" in modes:
                 result["agreement"][f"{label}, flashconv {impl}, cuda-graph vs eager"] = agreement(
-                    generate(model, check, min(new, 32), cuda_graph=True), generate(model, check, min(new, 32)),
-                    f"flashconv {impl}, CUDA graph vs eager")
+                    generate(model, check, short, cuda_graph=True), eager_ids, f"flashconv {impl}, CUDA graph vs eager")
             for prompt in args.prompts:
                 ids = torch.randint(0, model.config.vocab_size, (args.batch, prompt), device=device)
                 for mode in modes:

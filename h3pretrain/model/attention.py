@@ -58,10 +58,9 @@ class CausalSelfAttention(nn.Module):
         B, L = qkv.shape[:2]
         # Column layout (three, heads, head_dim): the fused layout of the released checkpoints.
         q, k, v = qkv.view(B, L, 3, self.num_heads, self.head_dim).unbind(dim=2)
+        positions = cache.positions(L) if cache is not None else None
         if self.rotary is not None:
-            if cache is not None:
-                positions = cache.positions(L)
-            else:
+            if positions is None:
                 positions = torch.arange(L, device=x.device) + (self.context.offset(L) if self.context else 0)
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         dropout = self.dropout if self.training else 0.0
@@ -70,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         elif cache is None:
             y = self._attend(q, k, v, dropout)
         else:
-            y = self._attend_cached(q, k, v, cache)
+            y = self._attend_cached(q, k, v, cache, positions)
         return self.out_proj(y.reshape(B, L, -1))
 
     def _attend(self, q, k, v, dropout: float) -> torch.Tensor:
@@ -85,10 +84,9 @@ class CausalSelfAttention(nn.Module):
         device = self.out_proj.weight.device
         return {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype)}
 
-    def _attend_cached(self, q, k, v, cache: InferenceCache) -> torch.Tensor:
+    def _attend_cached(self, q, k, v, cache: InferenceCache, positions: torch.Tensor) -> torch.Tensor:
         state = cache.layers[self.layer_idx]
         L = q.shape[1]
-        positions = cache.positions(L)
         state["k"].index_copy_(1, positions, k)
         state["v"].index_copy_(1, positions, v)
         if cache.seqlen_offset == 0:  # the prompt attends only to itself: exactly the uncached computation

@@ -54,21 +54,20 @@ class H3(nn.Module):
         else:
             # q, k, v are (B, L, C) whatever layout x has (sequence parallel)
             conv = self.context.h3_conv if self.context is not None else flashconv.h3_conv
-            y = conv(q, k, v, self.shift_kernel.taps(), self.ssm_k_D, self.diag_kernel.discretize(), self.D,
-                     self.head_dim)
+            taps, discrete = self.shift_kernel.taps(), self.diag_kernel.discretize()
+            y = conv(q, k, v, taps, self.ssm_k_D, discrete, self.D, self.head_dim)
             if cache is not None:
-                self._write_prompt_state(k, v, cache.layers[self.layer_idx])
+                self._write_prompt_state(k, v, taps, discrete, cache.layers[self.layer_idx])
         return self.output_linear(y)
 
     # ---- recurrent mode -------------------------------------------------------------------
 
     def allocate_state(self, batch_size: int, max_seqlen: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Zeroed recurrent state (see InferenceCache); its size does not depend on max_seqlen."""
-        device, n, hd = self.D.device, self.d_state // 2, self.head_dim
+        device = self.D.device
         return {"shift": torch.zeros(batch_size, self.channels, self.d_state, device=device),
-                "ssm": torch.zeros(batch_size, self.num_heads, hd, hd, n, device=device, dtype=torch.cfloat),
                 "taps": torch.zeros(self.channels, self.d_state, device=device),
-                **{name: torch.zeros(self.num_heads, n, device=device, dtype=torch.cfloat) for name in ("dA", "dB", "C")}}
+                **self.diag_kernel.allocate_state(batch_size, (self.head_dim, self.head_dim))}
 
     def _kv(self, k_shifted: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Per-head outer product; inputs (B, C, ...) -> (B, H, d1, d2, ...)."""
@@ -78,18 +77,17 @@ class H3(nn.Module):
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def _write_prompt_state(self, k: torch.Tensor, v: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    def _write_prompt_state(self, k: torch.Tensor, v: torch.Tensor, taps: torch.Tensor, discrete,
+                            state: dict[str, torch.Tensor]) -> None:
+        """taps, discrete: the kernels the prompt's convolution used (the steps' constants)."""
         k = k.transpose(1, 2).float()  # (B, C, L)
         v = v.transpose(1, 2).float()
         N, L = self.d_state, k.shape[-1]
         window = k[..., -N:] if L >= N else nn.functional.pad(k, (N - L, 0))  # k_(L-N) .. k_(L-1)
         state["shift"].copy_(window.roll(L % N, dims=-1))  # k_t goes to slot t mod N
-        taps = self.shift_kernel.taps()
+        state["taps"].copy_(taps)
         k_shifted = causal_conv(k, taps, self.ssm_k_D[:, None])
-        state["ssm"].copy_(self.diag_kernel.final_state(self._kv(k_shifted, v)))
-        # the steps' constants, computed once per prompt rather than once per token
-        for name, value in zip(("taps", "dA", "dB", "C"), (taps, *self.diag_kernel.discretize())):
-            state[name].copy_(value)
+        self.diag_kernel.write_state(state, self._kv(k_shifted, v), discrete)
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)

@@ -40,16 +40,11 @@ class S4D(nn.Module):
         else:
             y = self._conv(x)
             if cache is not None:
-                state = cache.layers[self.layer_idx]
-                state["ssm"].copy_(self._final_state(x))
-                for name, value in zip(("dA", "dB", "C"), self.diag_kernel.discretize()):
-                    state[name].copy_(value)
+                self._write_prompt_state(x, cache.layers[self.layer_idx])
         return self.output_linear(F.gelu(y).to(x.dtype))
 
     def allocate_state(self, batch_size: int, max_seqlen: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        D, n = self.D.shape[0], self.diag_kernel.C.shape[-2]
-        shapes = {"ssm": (batch_size, D, n), "dA": (D, n), "dB": (D, n), "C": (D, n)}
-        return {name: torch.zeros(shape, device=self.D.device, dtype=torch.cfloat) for name, shape in shapes.items()}
+        return self.diag_kernel.allocate_state(batch_size)
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
@@ -59,8 +54,8 @@ class S4D(nn.Module):
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
-    def _final_state(self, x: torch.Tensor) -> torch.Tensor:
-        return self.diag_kernel.final_state(x.transpose(1, 2).float())
+    def _write_prompt_state(self, x: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        self.diag_kernel.write_state(state, x.transpose(1, 2).float(), self.diag_kernel.discretize())
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)

@@ -78,6 +78,21 @@ class DiagSSMKernel(nn.Module):
         dA, dB, _ = self.discretize()
         return final_state(u, dA, dB, chunk)
 
+    def allocate_state(self, batch_size: int, inner: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+        """Zeroed generation state: "ssm" (B, H, *inner, n) complex and the step constants "dA",
+        "dB", "C" (H, n), which `write_state` fills."""
+        H, n = self.log_dt.shape[0], self.C.shape[-2]
+        zeros = {"ssm": (batch_size, H, *inner, n), "dA": (H, n), "dB": (H, n), "C": (H, n)}
+        return {name: torch.zeros(shape, device=self.C.device, dtype=torch.cfloat) for name, shape in zeros.items()}
+
+    def write_state(self, state: dict[str, torch.Tensor], u: torch.Tensor,
+                    discrete: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """After a prompt u (B, H, *inner, L): its final state and the constants, in place."""
+        dA, dB, C = discrete
+        state["ssm"].copy_(final_state(u, dA, dB))
+        for name, value in zip(("dA", "dB", "C"), discrete):
+            state[name].copy_(value)
+
     def step(self, u: torch.Tensor, state: torch.Tensor,
              discrete: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One recurrent step, updating `state` in place. u: (B, H, *inner) real; state (B, H, *inner, n)

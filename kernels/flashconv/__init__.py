@@ -71,22 +71,22 @@ def h3_conv(
     return h3_conv_reference(q, k, v, shift_taps, shift_skip, ssm_kernel(discrete, q.shape[1]), ssm_skip, head_dim)
 
 
+def _steps(state: torch.Tensor, n: int):
+    """The module whose shift_step / ssm_step run on `state`: `step` (Triton) or `reference`."""
+    if implementation(state.device) == "triton":
+        from . import step
+
+        if step.kernels_apply(state, n):
+            return step
+    return reference
+
+
 def shift_step(ring: torch.Tensor, taps: torch.Tensor, skip: torch.Tensor, k: torch.Tensor,
                position: torch.Tensor) -> torch.Tensor:
     """One generation step of the shift SSM (see `reference.shift_step`)."""
-    if implementation(k.device) == "triton":
-        from . import step
-
-        if step.kernels_apply(ring, ring.shape[-1]):
-            return step.shift_step(ring, taps, skip, k, position)
-    return reference.shift_step(ring, taps, skip, k, position)
+    return _steps(ring, ring.shape[-1]).shift_step(ring, taps, skip, k, position)
 
 
 def ssm_step(state: torch.Tensor, discrete: Discrete, u: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
     """One generation step of the diagonal SSM (see `reference.ssm_step`)."""
-    if implementation(u.device) == "triton":
-        from . import step
-
-        if step.kernels_apply(state, discrete[0].shape[-1]):
-            return step.ssm_step(state, discrete, u, skip)
-    return reference.ssm_step(state, discrete, u, skip)
+    return _steps(state, discrete[0].shape[-1]).ssm_step(state, discrete, u, skip)
