@@ -61,12 +61,12 @@ def h3_conv(
     discrete: the diagonal SSM's (dA, dB, C)."""
     if implementation(q.device) == "triton":
         # imported on first use: the Triton modules pick interpreter or GPU when they load
-        from .shift_fir import ShiftFIR
+        from .shift_fir import shift_fir_kernel
         from .ssm_scan import h3_ssm_scan, supported
 
         if supported(head_dim, discrete[0].shape[1]):
             with torch.autocast(device_type=q.device.type, enabled=False):
-                k_shifted = ShiftFIR.apply(k, shift_taps, shift_skip)
+                k_shifted = shift_fir_kernel(k, shift_taps, shift_skip)
                 return h3_ssm_scan(q, k_shifted, v, discrete, ssm_skip, head_dim).to(q.dtype)
     return h3_conv_reference(q, k, v, shift_taps, shift_skip, ssm_kernel(discrete, q.shape[1]), ssm_skip, head_dim)
 

@@ -85,29 +85,50 @@ def _grid(B: int, L: int, C: int):
     return (B, triton.cdiv(L, BLOCK_T), triton.cdiv(C, BLOCK_C))
 
 
-class ShiftFIR(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, taps: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        u, taps, skip = u.contiguous(), taps.contiguous(), skip.contiguous()
-        B, L, C = u.shape
-        N = taps.shape[1]
-        y = torch.empty(B, L, C, device=u.device, dtype=torch.float32)
-        _fir_fwd[_grid(B, L, C)](u, taps, skip, y, L, C, N=N, REVERSE=False, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-        ctx.save_for_backward(u, taps, skip)
-        return y
+@torch.library.custom_op("flashconv::shift_fir", mutates_args=())
+def shift_fir_kernel(u: torch.Tensor, taps: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """The Triton FIR as a custom op (opaque to torch.compile, differentiable): (B, L, C) fp32."""
+    u, taps, skip = u.contiguous(), taps.contiguous(), skip.contiguous()
+    B, L, C = u.shape
+    y = torch.empty(B, L, C, device=u.device, dtype=torch.float32)
+    _fir_fwd[_grid(B, L, C)](u, taps, skip, y, L, C, N=taps.shape[1], REVERSE=False, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    return y
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        u, taps, skip = ctx.saved_tensors
-        dy = dy.contiguous()
-        B, L, C = u.shape
-        N = taps.shape[1]
-        du = torch.empty(B, L, C, device=u.device, dtype=torch.float32)
-        _fir_fwd[_grid(B, L, C)](dy, taps, skip, du, L, C, N=N, REVERSE=True, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-        dtaps = torch.zeros(C, N, device=u.device, dtype=torch.float32)
-        dskip = torch.zeros(C, device=u.device, dtype=torch.float32)
-        _fir_bwd_params[_grid(B, L, C)](u, dy, dtaps, dskip, L, C, N=N, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-        return du.to(u.dtype), dtaps.to(taps.dtype), dskip.to(skip.dtype)
+
+@shift_fir_kernel.register_fake
+def _(u, taps, skip):
+    return u.new_empty(u.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("flashconv::shift_fir_backward", mutates_args=())
+def shift_fir_backward(dy: torch.Tensor, u: torch.Tensor, taps: torch.Tensor,
+                       skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du, dtaps, dskip) in the dtypes of (u, taps, skip)."""
+    u, taps, skip, dy = u.contiguous(), taps.contiguous(), skip.contiguous(), dy.contiguous()
+    B, L, C = u.shape
+    N = taps.shape[1]
+    du = torch.empty(B, L, C, device=u.device, dtype=torch.float32)
+    _fir_fwd[_grid(B, L, C)](dy, taps, skip, du, L, C, N=N, REVERSE=True, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    dtaps = torch.zeros(C, N, device=u.device, dtype=torch.float32)
+    dskip = torch.zeros(C, device=u.device, dtype=torch.float32)
+    _fir_bwd_params[_grid(B, L, C)](u, dy, dtaps, dskip, L, C, N=N, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+    return du.to(u.dtype), dtaps.to(taps.dtype), dskip.to(skip.dtype)
+
+
+@shift_fir_backward.register_fake
+def _(dy, u, taps, skip):
+    return u.new_empty(u.shape), taps.new_empty(taps.shape), skip.new_empty(skip.shape)
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _shift_fir_grads(ctx, dy):
+    return shift_fir_backward(dy, *ctx.saved_tensors)
+
+
+shift_fir_kernel.register_autograd(_shift_fir_grads, setup_context=_save_inputs)
 
 
 def kernels_available(device: torch.device) -> bool:
@@ -120,4 +141,4 @@ def shift_fir(u: torch.Tensor, taps: torch.Tensor, skip: torch.Tensor) -> torch.
     """u (B, L, C), taps (C, N), skip (C,) -> (B, L, C) fp32: the Triton kernels where they can run."""
     if not kernels_available(u.device):
         return shift_fir_reference(u, taps, skip)
-    return ShiftFIR.apply(u, taps, skip)
+    return shift_fir_kernel(u, taps, skip)

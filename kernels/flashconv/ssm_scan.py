@@ -240,40 +240,78 @@ def _launch(kernel, grid, *args, **consts) -> None:
     kernel[grid](*args, **consts, num_stages=1)
 
 
-class DiagSSMScan(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, toep, wr, wi, vr, vi, pr, pi, dskip, head_dim: int):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, L, D = q.shape
-        H, T, N = toep.shape[0], toep.shape[1], wr.shape[1]
-        BB = _block_batch(head_dim)
-        n_chunks = triton.cdiv(L, T)
-        mats = [m.contiguous().float() for m in (toep, wr, wi, vr, vi, pr, pi, dskip)]
-        out = torch.empty(B, L, D, device=q.device, dtype=torch.float32)
-        states = torch.empty(B, H, head_dim * head_dim, n_chunks, 2, N, device=q.device, dtype=torch.float32)
-        ieee = q.dtype == torch.float32 or INTERPRETED
-        grid = (H, triton.cdiv(B, BB))
-        _launch(_ssm_fwd, grid, q, k, v, out, states, *mats, B, L, D, H, n_chunks, HD=head_dim, BB=BB, T=T, N=N,
-                IEEE=ieee, num_warps=num_warps(False, head_dim))
-        ctx.save_for_backward(q, k, v, states, *mats)
-        ctx.head_dim, ctx.ieee = head_dim, ieee
-        return out
+@torch.library.custom_op("flashconv::ssm_scan", mutates_args=())
+def ssm_scan_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, toep: torch.Tensor, wr: torch.Tensor,
+                    wi: torch.Tensor, vr: torch.Tensor, vi: torch.Tensor, pr: torch.Tensor, pi: torch.Tensor,
+                    dskip: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused scan as a custom op (opaque to torch.compile, differentiable): (out (B, L, D) fp32,
+    the chunk-entering states the backward reads)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, L, D = q.shape
+    H, T, N = toep.shape[0], toep.shape[1], wr.shape[1]
+    BB = _block_batch(head_dim)
+    n_chunks = triton.cdiv(L, T)
+    mats = [m.contiguous().float() for m in (toep, wr, wi, vr, vi, pr, pi, dskip)]
+    out = torch.empty(B, L, D, device=q.device, dtype=torch.float32)
+    states = torch.empty(B, H, head_dim * head_dim, n_chunks, 2, N, device=q.device, dtype=torch.float32)
+    grid = (H, triton.cdiv(B, BB))
+    _launch(_ssm_fwd, grid, q, k, v, out, states, *mats, B, L, D, H, n_chunks, HD=head_dim, BB=BB, T=T, N=N,
+            IEEE=_ieee(q), num_warps=num_warps(False, head_dim))
+    return out, states
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, states, *mats = ctx.saved_tensors
-        hd = ctx.head_dim
-        B, L, D = q.shape
-        H, T, N = mats[0].shape[0], mats[0].shape[1], mats[1].shape[1]
-        BB = _block_batch(hd)
-        programs = triton.cdiv(B, BB)
-        n_chunks = states.shape[3]
-        dq, dk, dv = (torch.empty(B, L, D, device=q.device, dtype=torch.float32) for _ in range(3))
-        parts = [torch.empty(programs, *m.shape, device=q.device, dtype=torch.float32) for m in mats]
-        _launch(_ssm_bwd, (H, programs), q, k, v, dout.contiguous(), states, dq, dk, dv, *mats, *parts, B, L, D, H,
-                n_chunks, HD=hd, BB=BB, T=T, N=N, IEEE=ctx.ieee, num_warps=num_warps(True, hd))
-        grads = [p.sum(0) for p in parts]
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *grads, None)
+
+@ssm_scan_kernel.register_fake
+def _(q, k, v, toep, wr, wi, vr, vi, pr, pi, dskip, head_dim):
+    B, L, D = q.shape
+    H, T, N = toep.shape[0], toep.shape[1], wr.shape[1]
+    n_chunks = (L + T - 1) // T
+    return (q.new_empty((B, L, D), dtype=torch.float32),
+            q.new_empty((B, H, head_dim * head_dim, n_chunks, 2, N), dtype=torch.float32))
+
+
+def _ieee(q: torch.Tensor) -> bool:
+    """fp32 inputs get IEEE dots; bf16/fp16 inputs tf32 (the interpreter has no tf32)."""
+    return q.dtype == torch.float32 or INTERPRETED
+
+
+@torch.library.custom_op("flashconv::ssm_scan_backward", mutates_args=())
+def ssm_scan_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, states: torch.Tensor,
+                      toep: torch.Tensor, wr: torch.Tensor, wi: torch.Tensor, vr: torch.Tensor, vi: torch.Tensor,
+                      pr: torch.Tensor, pi: torch.Tensor, dskip: torch.Tensor, head_dim: int) -> list[torch.Tensor]:
+    """[dq, dk, dv (dtypes of q, k, v), then the gradients of the eight chunk matrices (fp32)]."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    mats = [m.contiguous().float() for m in (toep, wr, wi, vr, vi, pr, pi, dskip)]
+    B, L, D = q.shape
+    H, T, N = toep.shape[0], toep.shape[1], wr.shape[1]
+    BB = _block_batch(head_dim)
+    programs = triton.cdiv(B, BB)
+    n_chunks = states.shape[3]
+    dq, dk, dv = (torch.empty(B, L, D, device=q.device, dtype=torch.float32) for _ in range(3))
+    parts = [torch.empty(programs, *m.shape, device=q.device, dtype=torch.float32) for m in mats]
+    _launch(_ssm_bwd, (H, programs), q, k, v, dout.contiguous(), states.contiguous(), dq, dk, dv, *mats, *parts,
+            B, L, D, H, n_chunks, HD=head_dim, BB=BB, T=T, N=N, IEEE=_ieee(q), num_warps=num_warps(True, head_dim))
+    return [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *(p.sum(0) for p in parts)]
+
+
+@ssm_scan_backward.register_fake
+def _(dout, q, k, v, states, toep, wr, wi, vr, vi, pr, pi, dskip, head_dim):
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            *(m.new_empty(m.shape, dtype=torch.float32) for m in (toep, wr, wi, vr, vi, pr, pi, dskip))]
+
+
+def _save_for_scan_backward(ctx, inputs, output) -> None:
+    *tensors, head_dim = inputs
+    ctx.save_for_backward(*tensors, output[1])
+    ctx.head_dim = head_dim
+    ctx.mark_non_differentiable(output[1])
+
+
+def _scan_grads(ctx, dout, _dstates):
+    q, k, v, *mats, states = ctx.saved_tensors
+    return (*ssm_scan_backward(dout, q, k, v, states, *mats, ctx.head_dim), None)
+
+
+ssm_scan_kernel.register_autograd(_scan_grads, setup_context=_save_for_scan_backward)
 
 
 def supported(head_dim: int, modes: int) -> bool:
@@ -289,7 +327,7 @@ def h3_ssm_scan(q: torch.Tensor, k_shifted: torch.Tensor, v: torch.Tensor, discr
         raise ValueError(f"the fused scan needs head_dim and d_state/2 powers of two, d_state/2 >= 16; got "
                          f"head_dim {head_dim}, d_state/2 {discrete[0].shape[1]}")
     mats = chunk_matrices(discrete, chunk)
-    return DiagSSMScan.apply(q, k_shifted, v, *mats, ssm_skip.float(), head_dim)
+    return ssm_scan_kernel(q, k_shifted, v, *mats, ssm_skip.float(), head_dim)[0]
 
 
 def h3_ssm_reference(q, k_shifted, v, discrete: Discrete, ssm_skip: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -301,4 +339,4 @@ def h3_ssm_reference(q, k_shifted, v, discrete: Discrete, ssm_skip: torch.Tensor
     return gate(q, y)
 
 
-__all__ = ["chunk_matrices", "DiagSSMScan", "h3_ssm_scan", "h3_ssm_reference", "kernels_available", "supported"]
+__all__ = ["chunk_matrices", "ssm_scan_kernel", "h3_ssm_scan", "h3_ssm_reference", "kernels_available", "supported"]
