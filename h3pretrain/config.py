@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 
 MIXERS = ("h3", "attention", "s4d")
+RECOMPUTE_MODES = ("none", "block", "selective")
 
 
 @dataclass
@@ -132,6 +133,11 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     precision: str = "bf16"  # "bf16" (autocast; parameters, SSMs and optimizer in fp32) or "fp32"
+    # torch.compile each block (h3pretrain/model/regional.py): true | false | auto (on with CUDA)
+    compile: bool | str = "auto"
+    # activation recompute per block: none | block (keep only each block's input) | selective
+    # (keep matmul, attention, FFT and FlashConv outputs; recompute norms, GELU, dropout, elementwise)
+    recompute: str = "none"
     zero_stage: int = 1
     optimizer: str = "auto"  # auto | torch | apex | deepspeed (fused Adam where available)
     seed: int = 0
@@ -148,6 +154,17 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0 = from the GPU name (nothing on CPU)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
     deepspeed_json: str = ""  # a DeepSpeed JSON file, merged after `deepspeed`
+
+    def validate(self) -> None:
+        errors = []
+        if self.precision not in ("bf16", "fp32"):
+            errors.append(f"train.precision must be bf16 or fp32, not {self.precision!r}")
+        if self.compile not in (True, False, "auto"):
+            errors.append(f"train.compile must be true, false or auto, not {self.compile!r}")
+        if self.recompute not in RECOMPUTE_MODES:
+            errors.append(f"train.recompute must be none, block or selective, not {self.recompute!r}")
+        if errors:
+            raise ConfigError("; ".join(errors))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from torch import nn
 from ..config import Config
 from ..model import HybridLM
 from ..model.layers import LayerFactory
+from ..model.regional import apply_compile, apply_recompute, compile_wanted
 from ..train.optim import build_optimizer, deepspeed_config
 from . import canonical
 from .layout import DeepSpeedMPU, Layout, initialize, zero_group
@@ -79,6 +80,11 @@ class ParallelModel:
             if lay.pp > 1 and not kw["pre_process"] and kw["post_process"]:
                 model.backbone.embeddings.word_embeddings.weight.ds_pipe_replicated = True
             self.models.append(model.to(device))
+        blocks = [block for model in self.models for block in model.backbone.layers.values()]
+        apply_recompute(blocks, tc.recompute)
+        self.compiled = compile_wanted(tc.compile, device)
+        if self.compiled:
+            apply_compile(blocks)
 
         local_batch = tc.global_batch // lay.dp if tc.global_batch % lay.dp == 0 else None
         if local_batch is None or local_batch % tc.micro_batch:

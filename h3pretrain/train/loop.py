@@ -26,6 +26,7 @@ from ..data import Manifest, TokenBatches
 from ..parallel.engine import ParallelModel
 from ..parallel.pipeline import describe as describe_partition
 from .checkpoint import CheckpointManager
+from .kernel_choice import choose_flashconv
 from .metrics import Tracker, memory_gb, peak_tflops, train_flops_per_token
 from .signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 
@@ -118,6 +119,7 @@ def _check_data(cfg: Config, manifest: Manifest) -> None:
 
 def train(cfg: Config) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg.train.validate()
     rank, world, device = init_distributed()
     tc = cfg.train
     run_dir = Path(tc.run_dir)
@@ -129,12 +131,14 @@ def train(cfg: Config) -> int:
         save_yaml(cfg, run_dir / "config.yaml")
 
     torch.manual_seed(tc.seed)
-    if tc.precision not in ("bf16", "fp32"):
-        raise ConfigError(f"train.precision must be bf16 or fp32, not {tc.precision!r}")
     pm = ParallelModel(cfg, device, seq_len)
     lay = pm.layout
     if rank == 0:
         log.info("layout %s; pipeline partition:\n%s", lay.describe(), describe_partition(cfg.model, pm.chunks))
+    kernels = choose_flashconv(cfg, device, seq_len // lay.cp, lay.tp, lay.cp)
+    if rank == 0:
+        log.info("FlashConv: %s (%s) | torch.compile: %s | recompute: %s", kernels["implementation"],
+                 kernels["reason"], "on" if pm.compiled else "off", tc.recompute)
 
     loader = TokenBatches(cfg.data.path, global_batch=tc.global_batch, dp_rank=lay.dp_rank, dp_size=lay.dp,
                           seed=cfg.data.seed)
@@ -161,6 +165,9 @@ def train(cfg: Config) -> int:
 
     stop = StopRequest().install()
     tracker = Tracker(cfg, run_dir, tc.steps) if rank == 0 else None
+    if tracker:
+        tracker.log_params({"flashconv.implementation": kernels["implementation"],
+                            "flashconv.reason": kernels["reason"], "train.compiled": str(pm.compiled)})
     flops_per_token = train_flops_per_token(cfg.model, seq_len)
     peak = peak_tflops(tc.peak_tflops) * 1e12 * world
     n_params = pm.num_parameters()
@@ -193,7 +200,8 @@ def train(cfg: Config) -> int:
     def write_status(state: str, extra: dict | None = None) -> None:
         if rank == 0:
             status = {"state": state, "step": step, "steps": tc.steps, "tokens": tokens,
-                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra or {})}
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "flashconv": kernels["implementation"],
+                      "compiled": pm.compiled, **(extra or {})}
             tmp = run_dir / "status.json.tmp"
             tmp.write_text(json.dumps(status, indent=1) + "\n")
             os.replace(tmp, run_dir / "status.json")

@@ -112,6 +112,17 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         id_file.write_text(self.run_id + "\n")
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """This session's settings; a resumed run whose value changed (another GPU, another choice)
+        keeps the first value as the param and records the new one as a tag."""
+        if self.client is None:
+            return
+        for key, value in params.items():
+            try:
+                self.client.log_param(self.run_id, key, value[:6000])
+            except Exception:  # noqa: BLE001 - mlflow refuses to change a logged param
+                self.client.set_tag(self.run_id, key, value[:6000])
+
     def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **metrics}
         self.jsonl.write(json.dumps(record) + "\n")

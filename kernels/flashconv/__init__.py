@@ -1,13 +1,18 @@
 """flashconv: the long convolutions of the H3 mixer.
 
 `h3_conv` is the one entry point the model calls. Two implementations behind it:
-- "reference": the fp32 torch.fft formulation (`flashconv.reference`), the default;
+- "reference": the fp32 torch.fft formulation (`flashconv.reference`);
 - "triton": the fused kernels — the shift SSM's FIR (`shift_fir`) and the diagonal SSM as a chunked
-  scan with the kv outer product and the q gating fused in (`ssm_scan`); for generation, one
-  kernel per recurrent step of each SSM (`step`). Chosen with the environment
-  variable H3_FLASHCONV=triton (or `set_implementation`); it runs where Triton can (CUDA, or the CPU
-  interpreter under TRITON_INTERPRET=1) and falls back to the reference elsewhere. It is not the
-  default until it has been validated and measured on a GPU (bench/bench_kernels.py).
+  scan with the kv outer product and the q gating fused in (`ssm_scan`), both torch.library custom
+  ops (torch.compile traces around them); for generation, one kernel per recurrent step of each
+  SSM (`step`). They run where Triton can (CUDA, or the CPU interpreter under TRITON_INTERPRET=1).
+
+H3_FLASHCONV (or `set_implementation`) chooses:
+- "auto" (default): the kernels once `self_check` has passed on the device at a run's shapes
+  (the trainer runs it before the first step), the reference before that or where it failed;
+  generation steps use the reference;
+- "triton": the kernels wherever they can run, unchecked (generation steps too);
+- "reference": always the reference.
 """
 from __future__ import annotations
 
@@ -20,19 +25,25 @@ from .reference import causal_conv, fft_size, h3_conv_reference
 from .state_passing import Discrete, ssm_kernel
 
 __all__ = ["h3_conv", "shift_step", "ssm_step", "causal_conv", "fft_size", "h3_conv_reference",
-           "set_implementation", "implementation"]
+           "set_implementation", "implementation", "self_check", "kernels_apply"]
 
-_IMPLEMENTATIONS = ("reference", "triton")
-_choice = os.environ.get("H3_FLASHCONV", "reference")
-if _choice not in _IMPLEMENTATIONS:
-    raise ValueError(f"H3_FLASHCONV={_choice!r}: expected one of {', '.join(_IMPLEMENTATIONS)}")
+IMPLEMENTATIONS = ("auto", "reference", "triton")
+_choice = os.environ.get("H3_FLASHCONV", "auto")
+if _choice not in IMPLEMENTATIONS:
+    raise ValueError(f"H3_FLASHCONV={_choice!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
+_checked: dict[str, bool] = {}  # device type -> whether the self-check passed there (auto)
 
 
 def set_implementation(name: str) -> None:
     global _choice
-    if name not in _IMPLEMENTATIONS:
-        raise ValueError(f"flashconv implementation {name!r}: expected one of {', '.join(_IMPLEMENTATIONS)}")
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"flashconv implementation {name!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
     _choice = name
+
+
+def chosen() -> str:
+    """What H3_FLASHCONV / set_implementation asked for."""
+    return _choice
 
 
 def implementation_available(device: torch.device) -> bool:
@@ -42,9 +53,60 @@ def implementation_available(device: torch.device) -> bool:
     return kernels_available(device)
 
 
+def kernels_apply(head_dim: int, d_state: int) -> bool:
+    """Whether the fused kernels cover an H3 layer of this shape (else h3_conv uses the reference)."""
+    from .ssm_scan import supported
+
+    return supported(head_dim, d_state // 2)
+
+
+def mark_checked(device: torch.device, passed: bool) -> None:
+    """Record the self-check's verdict for `device` (what "auto" then runs there)."""
+    _checked[torch.device(device).type] = passed
+
+
 def implementation(device: torch.device) -> str:
     """What h3_conv runs on `device` now (shapes the kernels don't support also fall back)."""
-    return "triton" if _choice == "triton" and implementation_available(device) else "reference"
+    if not implementation_available(device) or _choice == "reference":
+        return "reference"
+    if _choice == "triton" or _checked.get(torch.device(device).type, False):
+        return "triton"
+    return "reference"
+
+
+def _triton_conv(q, k, v, shift_taps, shift_skip, discrete: Discrete, ssm_skip, head_dim: int) -> torch.Tensor:
+    # imported on first use: the Triton modules pick interpreter or GPU when they load
+    from .shift_fir import shift_fir_kernel
+    from .ssm_scan import h3_ssm_scan
+
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        k_shifted = shift_fir_kernel(k, shift_taps, shift_skip)
+        return h3_ssm_scan(q, k_shifted, v, discrete, ssm_skip, head_dim).to(q.dtype)
+
+
+def _reference_conv(q, k, v, shift_taps, shift_skip, discrete: Discrete, ssm_skip, head_dim: int) -> torch.Tensor:
+    return h3_conv_reference(q, k, v, shift_taps, shift_skip, ssm_kernel(discrete, q.shape[1]), ssm_skip, head_dim)
+
+
+def _call(conv):
+    return lambda t, hd: conv(t["q"], t["k"], t["v"], t["taps"], t["shift_skip"], (t["dA"], t["dB"], t["C"]),
+                              t["ssm_skip"], hd)
+
+
+def self_check(device: torch.device, *, batch: int, length: int, channels: int, head_dim: int, d_state: int,
+               dtype: torch.dtype, seed: int = 0):
+    """The Triton kernels vs the fp32 reference, forward and backward, at these shapes
+    (flashconv.selfcheck); returns its CheckResult (the verdict is recorded by `mark_checked`)."""
+    from . import selfcheck
+
+    if not implementation_available(device):
+        return selfcheck.CheckResult(False, {"device": str(device)}, failure=f"Triton cannot run on {device}")
+    if not kernels_apply(head_dim, d_state):
+        return selfcheck.CheckResult(False, {"head_dim": head_dim, "d_state": d_state},
+                                     failure=f"the fused kernels do not cover head_dim {head_dim}, d_state {d_state}")
+    return selfcheck.check(_call(_triton_conv), _call(_reference_conv), batch=batch, length=length,
+                           channels=channels, head_dim=head_dim, d_state=d_state, dtype=dtype,
+                           device=torch.device(device), seed=seed)
 
 
 def h3_conv(
@@ -59,21 +121,15 @@ def h3_conv(
 ) -> torch.Tensor:
     """Shift conv on k, k (x) v per head, diagonal-SSM conv, gating by q. See `h3_conv_reference`;
     discrete: the diagonal SSM's (dA, dB, C)."""
-    if implementation(q.device) == "triton":
-        # imported on first use: the Triton modules pick interpreter or GPU when they load
-        from .shift_fir import shift_fir_kernel
-        from .ssm_scan import h3_ssm_scan, supported
-
-        if supported(head_dim, discrete[0].shape[1]):
-            with torch.autocast(device_type=q.device.type, enabled=False):
-                k_shifted = shift_fir_kernel(k, shift_taps, shift_skip)
-                return h3_ssm_scan(q, k_shifted, v, discrete, ssm_skip, head_dim).to(q.dtype)
-    return h3_conv_reference(q, k, v, shift_taps, shift_skip, ssm_kernel(discrete, q.shape[1]), ssm_skip, head_dim)
+    if implementation(q.device) == "triton" and kernels_apply(head_dim, 2 * discrete[0].shape[1]):
+        return _triton_conv(q, k, v, shift_taps, shift_skip, discrete, ssm_skip, head_dim)
+    return _reference_conv(q, k, v, shift_taps, shift_skip, discrete, ssm_skip, head_dim)
 
 
 def _steps(state: torch.Tensor, n: int):
-    """The module whose shift_step / ssm_step run on `state`: `step` (Triton) or `reference`."""
-    if implementation(state.device) == "triton":
+    """The module whose shift_step / ssm_step run on `state`: `step` (Triton, when chosen
+    explicitly) or `reference`."""
+    if _choice == "triton" and implementation(state.device) == "triton":
         from . import step
 
         if step.kernels_apply(state, n):

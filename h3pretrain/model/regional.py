@@ -1,0 +1,95 @@
+"""Applied to a built model from outside, block by block (as torchtitan does): activation recompute
+and torch.compile. Neither changes a parameter's name, so checkpoints do not see them.
+
+Recompute (`train.recompute`):
+- "none": every activation the backward needs is kept.
+- "block": each block (norms, mixer, MLP, residual adds) keeps only its input; its forward runs
+  again inside the backward.
+- "selective": each block keeps the outputs of the operations that are expensive to run again
+  (`SAVED_OPS`: matrix products, i.e. every linear layer and the attention matmuls, the attention
+  kernels, the FFTs of the reference convolution, and the fused FlashConv kernels) and recomputes
+  everything else (LayerNorm, GELU, dropout, the bf16 casts, rotary, the outer product k*v, the
+  q gating, the skip terms and residual adds).
+Dropout replays identically in the recomputation (torch.utils.checkpoint restores the RNG state).
+
+Compile (`train.compile`): every block is compiled on its own (`nn.Module.compile`, in place);
+blocks of one kind share one compiled graph. The FlashConv kernels are custom ops, so an H3 block
+compiles without a graph break around its convolution.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from ..config import RECOMPUTE_MODES
+
+
+def _saved_ops() -> set:
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+           aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default}
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        if hasattr(aten, name):
+            ops.add(getattr(aten, name).default)
+    import flashconv.shift_fir  # noqa: F401 - registers the custom ops
+    import flashconv.ssm_scan  # noqa: F401
+
+    ops |= {torch.ops.flashconv.shift_fir.default, torch.ops.flashconv.ssm_scan.default}
+    try:  # flash-attn's own custom op, where it is installed
+        ops.add(torch.ops.flash_attn._flash_attn_forward.default)
+    except (AttributeError, RuntimeError):
+        pass
+    return ops
+
+
+@functools.cache
+def saved_ops() -> frozenset:
+    """The operations whose outputs `selective` recompute keeps."""
+    return frozenset(_saved_ops())
+
+
+def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in saved_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_policy)
+
+
+def apply_recompute(blocks: Iterable[nn.Module], mode: str) -> None:
+    """Wrap each block's forward in activation checkpointing (see the module docstring)."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute mode {mode!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
+    if mode == "none":
+        return
+    extra = {"context_fn": _selective_contexts} if mode == "selective" else {}
+    for block in blocks:
+        forward = block.forward
+
+        def recomputed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():  # evaluation, generation: nothing is kept anyway
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **extra, **kwargs)
+
+        block.forward = recomputed
+
+
+def compile_wanted(setting: bool | str, device: torch.device) -> bool:
+    """train.compile: True, False, or "auto" (on when training on CUDA)."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def apply_compile(blocks: Iterable[nn.Module]) -> None:
+    """torch.compile each block in place (parameter names unchanged). Random operations (dropout)
+    keep torch's own generator, so a compiled block draws the same masks as in eager mode and a
+    checkpoint's RNG state replays them exactly."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    for block in blocks:
+        block.compile()
