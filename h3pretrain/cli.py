@@ -357,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .quiet import silence_third_party_noise
+
+    silence_third_party_noise()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -335,3 +335,80 @@ def test_scan_launch_retries_with_one_stage_when_shared_memory_runs_out():
     assert calls == [None, 1, 1]  # the second launch goes straight to one stage
     ssm_scan._launch(FakeKernel(), (1,), x, HD=1, IEEE=True)
     assert calls[-2:] == [None, 1]  # another configuration tries the default first
+
+
+@pytest.fixture
+def restore_choice():
+    import flashconv
+
+    before, checked = flashconv.chosen(), dict(flashconv._checked)
+    yield flashconv
+    flashconv.set_implementation(before)
+    flashconv._checked.clear()
+    flashconv._checked.update(checked)
+
+
+def test_h3_block_with_the_kernels_compiles_without_a_graph_break(restore_choice):
+    """The kernels are custom ops with fake implementations: dynamo captures an H3 block whole, and
+    the compiled block (inductor, CPU) computes what the eager one does."""
+    from conftest import tiny_config
+    from h3pretrain.model.layers import LayerFactory
+    from h3pretrain.model.lm import Block
+
+    flashconv = restore_choice
+    flashconv.set_implementation("triton")
+    torch.manual_seed(0)
+    block = Block(tiny_config(ssm_head_dim=2), 0, "h3", LayerFactory())
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    explained = torch._dynamo.explain(block)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    ops = {str(n.target) for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert {"flashconv.shift_fir.default", "flashconv.ssm_scan.default"} <= ops, ops
+    compiled = torch.compile(block, fullgraph=True)
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    y_ref = block(x)
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+
+
+SHAPES = dict(batch=2, length=70, channels=16, head_dim=2, d_state=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_check_passes_for_the_kernels(restore_choice, dtype):
+    flashconv = restore_choice
+    result = flashconv.self_check(torch.device("cpu"), **SHAPES, dtype=dtype)
+    assert result.passed, result.failure
+    assert set(result.errors) == {"out", "dq", "dk", "dv", "dtaps", "dshift_skip", "ddA", "ddB", "dC", "dssm_skip"}
+    assert max(result.errors.values()) < result.tolerance
+
+
+def test_self_check_fails_for_a_broken_kernel_and_auto_keeps_the_reference(restore_choice, monkeypatch):
+    flashconv = restore_choice
+    flashconv.set_implementation("auto")
+    flashconv._checked.clear()
+    assert flashconv.implementation(torch.device("cpu")) == "reference"  # unchecked: reference
+    good = flashconv.self_check(torch.device("cpu"), **SHAPES, dtype=torch.float32)
+    flashconv.mark_checked(torch.device("cpu"), good.passed)
+    assert flashconv.implementation(torch.device("cpu")) == "triton"
+
+    from flashconv import ssm_scan
+
+    real = ssm_scan.h3_ssm_scan
+    monkeypatch.setattr(ssm_scan, "h3_ssm_scan", lambda *a, **k: real(*a, **k) * 1.1)  # 10% off
+    bad = flashconv.self_check(torch.device("cpu"), **SHAPES, dtype=torch.bfloat16)
+    assert not bad.passed and "out off by" in bad.failure
+
+    def raising(*a, **k):
+        raise RuntimeError("PTX not supported")
+
+    monkeypatch.setattr(ssm_scan, "h3_ssm_scan", raising)
+    broken = flashconv.self_check(torch.device("cpu"), **SHAPES, dtype=torch.float32)
+    assert not broken.passed and broken.failure == "raised RuntimeError: PTX not supported"
+    flashconv.mark_checked(torch.device("cpu"), broken.passed)
+    assert flashconv.implementation(torch.device("cpu")) == "reference"
+    unsupported = flashconv.self_check(torch.device("cpu"), **{**SHAPES, "head_dim": 3, "channels": 15},
+                                       dtype=torch.float32)
+    assert not unsupported.passed and "do not cover head_dim 3" in unsupported.failure

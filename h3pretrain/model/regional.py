@@ -6,10 +6,12 @@ Recompute (`train.recompute`):
 - "block": each block (norms, mixer, MLP, residual adds) keeps only its input; its forward runs
   again inside the backward.
 - "selective": each block keeps the outputs of the operations that are expensive to run again
-  (`SAVED_OPS`: matrix products, i.e. every linear layer and the attention matmuls, the attention
-  kernels, the FFTs of the reference convolution, and the fused FlashConv kernels) and recomputes
-  everything else (LayerNorm, GELU, dropout, the bf16 casts, rotary, the outer product k*v, the
-  q gating, the skip terms and residual adds).
+  (`saved_ops()`: matrix products, i.e. every linear layer and torch's math attention, the fused
+  attention kernels, and the fused FlashConv kernels) and recomputes everything else: LayerNorm,
+  GELU, dropout, the bf16 casts, rotary, and in the reference convolution its FFTs (memory-bound,
+  O(L log L) per channel: a few percent of a block's matmul FLOPs, but their complex spectra are
+  the largest activations an H3 block has), the outer product k*v, the q gating, skip terms and
+  residual adds.
 Dropout replays identically in the recomputation (torch.utils.checkpoint restores the RNG state).
 
 Compile (`train.compile`): every block is compiled on its own (`nn.Module.compile`, in place);
@@ -30,8 +32,7 @@ from ..config import RECOMPUTE_MODES
 
 def _saved_ops() -> set:
     aten = torch.ops.aten
-    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
-           aten._fft_r2c.default, aten._fft_c2r.default, aten._fft_c2c.default}
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
         if hasattr(aten, name):

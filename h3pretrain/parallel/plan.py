@@ -12,6 +12,14 @@ Memory per GPU (fp32 parameters and gradients, torch autocast bf16 activations, 
 - 1F1B keeps min(pp - stage, micro-batches) micro-batches in flight on a stage (x virtual_pp
   chunks under interleaving, each with its share of layers);
 - the last stage's logits and their gradient in fp32: 8 * s * vocab / t bytes per micro-batch.
+Activation recompute (train.recompute) changes what a layer keeps per token:
+- block: only its fp32 input, 4 d bytes; the backward recomputes one layer at a time, so one
+  micro-batch of the largest layer's full activations is added once per stage;
+- selective: its fp32 input and the kept bf16 outputs (h3pretrain/model/regional.py): an H3 layer
+  its q, k, v, output projection, fc1 and fc2 outputs, 2 (4 + 4 + 1) d / t (the FFTs are
+  recomputed); an attention layer Wqkv, attention, out_proj, fc1 and fc2 outputs, 2 (3 + 1 + 1 + 4 + 1) d / t,
+  and the bf16 scores of torch's math attention, 2 * heads * s / t (flash kernels keep less);
+  plus one layer's recomputed activations once per stage, as for block.
 
 Checked against bench/results/memory-presets-h100.json (torch.fft H3, one H100, seq 2048): the
 activation estimate per sequence, 10.8 GB (1.3b) and 17.5 GB (2.7b), is within 11% of the measured
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..model import HybridLM
 from .pipeline import Chunk, describe, partition
 from .tensor import replicated_under_tp
@@ -43,6 +51,22 @@ class StagePlan:
     @property
     def total_gib(self) -> float:
         return (self.state_bytes + self.activation_bytes) / GiB
+
+
+def layer_activation_bytes(m: ModelConfig, kind: str, seq_len: int, tp: int, recompute: str) -> float:
+    """Bytes one layer keeps for the backward per token of a micro-batch (see the module docstring)."""
+    d = m.d_model
+    spectra = 2 * 16 * d * (1 + m.ssm_head_dim) / tp
+    if recompute == "block":
+        return 4 * d
+    if recompute == "selective":
+        if kind == "attention":
+            return 4 * d + 2 * 10 * d / tp + 2 * m.attn_num_heads * seq_len / tp
+        return 4 * d + 2 * 9 * d / tp
+    per_token = d * (10 + 24 / tp)
+    if kind == "attention":
+        return per_token + 5 * m.attn_num_heads * seq_len / tp
+    return per_token + spectra
 
 
 def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[StagePlan], int]:
@@ -71,14 +95,12 @@ def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[Stage
         in_flight = min(par.pp - stage, micro_batches) if par.pp > 1 else 1
         tokens = tc.micro_batch * seq_len // par.cp  # this rank's piece of each sequence
         act = 0.0
+        layer_kinds = [kinds[i] for c in mine for i in c.layers]
+        for kind in layer_kinds:
+            act += layer_activation_bytes(m, kind, seq_len, par.tp, tc.recompute) * tokens
+        if tc.recompute != "none" and layer_kinds:  # one layer's recomputation, live during its backward
+            act += max(layer_activation_bytes(m, k, seq_len, par.tp, "none") for k in layer_kinds) * tokens
         for c in mine:
-            for i in c.layers:
-                per_token = m.d_model * (10 + 24 / par.tp)
-                if kinds[i] == "attention":
-                    per_token += 5 * m.attn_num_heads * seq_len / par.tp
-                else:
-                    per_token += 2 * 16 * m.d_model * (1 + m.ssm_head_dim) / par.tp
-                act += per_token * tokens
             if c.index == last:
                 act += 8 * tokens * m.padded_vocab_size / par.tp
         plans.append(StagePlan(stage, params, local, state, act * in_flight))

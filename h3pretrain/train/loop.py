@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..config import Config, ConfigError, save_yaml, to_dict
 from ..data import Manifest, TokenBatches
 from ..parallel.engine import ParallelModel
+from ..quiet import silence_third_party_noise
 from ..parallel.pipeline import describe as describe_partition
 from .checkpoint import CheckpointManager
 from .kernel_choice import choose_flashconv
@@ -45,6 +46,7 @@ def _free_port() -> int:
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """Process group from torchrun's (or SLURM-derived) environment; one process works alone."""
+    silence_third_party_noise()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
