@@ -69,6 +69,11 @@ LAYOUTS = {  # name: (processes, probe arguments, reference)
     "CP4": (4, dict(cp=4, head_dim=1), "hd1"),
     "TP2·CP2-sequence-parallel": (4, dict(tp=2, cp=2, sp=1, head_dim=1), "hd1"),
     "PP2·CP2": (4, dict(pp=2, cp=2, head_dim=1), "hd1"),
+    # regional torch.compile and activation recompute under the layouts
+    "TP2·PP2-SP-compiled-selective-recompute": (4, dict(tp=2, pp=2, sp=1, head_dim=1, compile=1,
+                                                     recompute="selective"), "hd1"),
+    "DP2-ZeRO3-compiled-block-recompute": (2, dict(zero=3, head_dim=1, compile=1, recompute="block"), "hd1"),
+    "CP2-selective-recompute": (2, dict(cp=2, head_dim=2, recompute="selective"), "hd2"),
 }
 
 

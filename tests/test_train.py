@@ -39,19 +39,23 @@ def _env():
     return env
 
 
-def launch(data, run_dir, nproc=1, **train):
-    if nproc == 1:
+def launch(data, run_dir, nproc=1, env=None, python_code=None, **train):
+    """env: extra environment; python_code: run `python -c python_code train ...` instead of the CLI
+    module (a patch applied before h3pretrain.cli.main runs)."""
+    if python_code is not None:
+        cmd = [sys.executable, "-c", python_code, "train"]
+    elif nproc == 1:
         cmd = [sys.executable, "-m", "h3pretrain.cli", "train"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "h3pretrain.cli", "train"]
     log = open(Path(str(run_dir) + ".log"), "ab")
-    return subprocess.Popen(cmd + _args(data, run_dir, **train), env=_env(), stdout=log, stderr=log,
-                            start_new_session=True)
+    return subprocess.Popen(cmd + _args(data, run_dir, **train), env={**_env(), **(env or {})}, stdout=log,
+                            stderr=log, start_new_session=True)
 
 
-def run(data, run_dir, nproc=1, **train) -> int:
-    proc = launch(data, run_dir, nproc, **train)
+def run(data, run_dir, nproc=1, env=None, python_code=None, **train) -> int:
+    proc = launch(data, run_dir, nproc, env=env, python_code=python_code, **train)
     code = proc.wait(timeout=600)
     if code not in (0, 75):
         print(Path(str(run_dir) + ".log").read_text()[-5000:])
@@ -89,6 +93,12 @@ def test_loss_falls_and_outputs_exist(reference):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step-00000008"
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert kept == ["step-00000004", "step-00000006", "step-00000008"]  # keep_last 3
+    log = Path(str(run_dir) + ".log").read_text()
+    for noise in ("Transformer Engine and Apex are not installed",
+                  "Attempting to get learning rate from scheduler before it has started"):
+        assert noise not in log
+    assert "FlashConv: reference (H3_FLASHCONV=auto; Triton cannot run on cpu)" in log
+    assert status["flashconv"] == "reference" and status["compiled"] is False
 
 
 def test_mlflow_holds_params_and_history(reference):
@@ -313,3 +323,66 @@ def test_context_parallel_run_follows_one_rank_and_resumes_exactly(prepared, one
     again = tmp_path / "again"
     assert run(data, again, nproc=2, resume=first / "checkpoints" / "step-00000002", **cp) == 0
     assert {s: v for s, v in losses(again).items() if s > 2} == {s: b[s] for s in (3, 4)}
+
+
+COMPILE_RUN = {"steps": 10, "model.embed_dropout": 0.1, "model.attn_dropout": 0.1}
+
+
+def test_compiled_run_follows_eager_and_resumes_exactly(prepared, tmp_path):
+    """train.compile=true with selective recompute: the first 10 losses equal eager's to 1e-5
+    (relative); killed after step 4 and resumed, it repeats the uninterrupted compiled run bit for bit."""
+    data, _ = prepared
+    eager, compiled, killed = tmp_path / "eager", tmp_path / "compiled", tmp_path / "killed"
+    assert run(data, eager, **COMPILE_RUN) == 0
+    assert run(data, compiled, compile="true", recompute="selective", **COMPILE_RUN) == 0
+    want, got = losses(eager), losses(compiled)
+    assert sorted(got) == sorted(want) == list(range(1, 11))
+    for step in want:
+        assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got[step], want[step])
+    assert got != want  # compiled code really ran (its rounding differs somewhere)
+    log = Path(str(compiled) + ".log").read_text()
+    assert "torch.compile: on | recompute: selective" in log
+    assert json.loads((compiled / "status.json").read_text())["compiled"] is True
+    proc = launch(data, killed, compile="true", recompute="selective", **COMPILE_RUN)
+    assert _wait_for(lambda: (killed / "metrics.jsonl").exists() and max(losses(killed), default=0) >= 4, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert run(data, killed, compile="true", recompute="selective", **COMPILE_RUN) == 0
+    assert losses(killed) == got
+
+
+# Counts the fused scan's calls (in $SCAN_CALLS: the CLI ends with os._exit, no atexit) and scales
+# its output by $SCAN_SCALE.
+WATCH_THE_SCAN = ("import os, sys, flashconv.ssm_scan as s; real = s.h3_ssm_scan; n = []; "
+                  "s.h3_ssm_scan = lambda *a, **k: (n.append(1), open(os.environ['SCAN_CALLS'], 'w').write(str(len(n))), "
+                  "real(*a, **k) * float(os.environ['SCAN_SCALE']))[2]; "
+                  "from h3pretrain.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_flashconv_auto_checks_the_kernels_and_falls_back(prepared, tmp_path):
+    """H3_FLASHCONV=auto with Triton available (the interpreter): the self-check passes and the run
+    uses the kernels; with a broken kernel one warning names what failed and the run trains with
+    the reference, exactly as a reference run does."""
+    data, _ = prepared
+    calls = tmp_path / "calls"
+    interpret = {"TRITON_INTERPRET": "1", "H3_FLASHCONV": "auto", "SCAN_CALLS": str(calls)}
+    short = {"steps": 3, "eval_every": 0, "ckpt_every": 0}
+    good, broken, reference = tmp_path / "good", tmp_path / "broken", tmp_path / "reference"
+    assert run(data, good, env={**interpret, "SCAN_SCALE": "1"}, python_code=WATCH_THE_SCAN, **short) == 0
+    assert json.loads((good / "status.json").read_text())["flashconv"] == "triton"
+    assert "FlashConv: triton (H3_FLASHCONV=auto, self-check passed" in Path(str(good) + ".log").read_text()
+    assert int(calls.read_text()) == 1 + 3 * 2 * 2  # the check, then 3 steps x 2 micro-batches x 2 H3 layers
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{good / 'mlflow.db'}")
+    params = client.get_run((good / "mlflow_run_id").read_text().strip()).data.params
+    assert params["flashconv.implementation"] == "triton"
+
+    assert run(data, broken, env={**interpret, "SCAN_SCALE": "1.1"}, python_code=WATCH_THE_SCAN, **short) == 0
+    log = Path(str(broken) + ".log").read_text()
+    warnings = [line for line in log.splitlines() if "FlashConv self-check failed" in line]
+    assert len(warnings) == 1 and "out off by" in warnings[0] and "uses the reference convolution" in warnings[0]
+    assert json.loads((broken / "status.json").read_text())["flashconv"] == "reference"
+    assert int(calls.read_text()) == 1  # only the check ran the kernel
+    assert run(data, reference, env={"H3_FLASHCONV": "reference"}, **short) == 0
+    assert losses(broken) == losses(reference)

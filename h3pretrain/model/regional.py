@@ -7,7 +7,9 @@ Recompute (`train.recompute`):
   again inside the backward.
 - "selective": each block keeps the outputs of the operations that are expensive to run again
   (`saved_ops()`: matrix products, i.e. every linear layer and torch's math attention, the fused
-  attention kernels, and the fused FlashConv kernels) and recomputes everything else: LayerNorm,
+  attention kernels, the fused FlashConv kernels, and the in-place all-reduce of tensor
+  parallelism) and recomputes everything else (the gathers of sequence and context parallelism
+  run again): LayerNorm,
   GELU, dropout, the bf16 casts, rotary, and in the reference convolution its FFTs (memory-bound,
   O(L log L) per channel: a few percent of a block's matmul FLOPs, but their complex spectra are
   the largest activations an H3 block has), the outer product k*v, the q gating, skip terms and
@@ -37,6 +39,17 @@ def _saved_ops() -> set:
                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
         if hasattr(aten, name):
             ops.add(getattr(aten, name).default)
+    # Collectives that reduce in place (megatron's tensor-parallel all-reduce works on a matmul's
+    # kept output, which a recomputation would reduce twice) and out-of-place functional ones are
+    # kept. Gathers and reduce-scatters into buffers the caller allocates (sequence and context
+    # parallelism) are run again: the caller reads its own new buffer, not a kept result.
+    for namespace, names in (("c10d", ("allreduce_", "broadcast_")),
+                             ("_c10d_functional", ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor"))):
+        for name in names:
+            try:
+                ops.add(getattr(getattr(torch.ops, namespace), name).default)
+            except (AttributeError, RuntimeError):
+                pass
     import flashconv.shift_fir  # noqa: F401 - registers the custom ops
     import flashconv.ssm_scan  # noqa: F401
 

@@ -79,9 +79,9 @@ class ContextParallel:
         keys, values = self._gather(torch.stack([k, v]), dim=2)[:, :, :visible].unbind(0)  # one collective
         if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
             return flash_attn_func(q, keys, values, dropout_p=dropout, causal=True)  # bottom-right causal
-        from torch.nn.attention.bias import causal_lower_right
-
-        mask = causal_lower_right(T, visible)
+        # bottom-right causal as a plain boolean mask (torch's CausalBias subclass does not pass
+        # through selective recompute's dispatch mode)
+        mask = torch.ones(T, visible, dtype=torch.bool, device=q.device).tril(visible - T)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                            attn_mask=mask, dropout_p=dropout)
         return y.transpose(1, 2)
