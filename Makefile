@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: help setup test test-fast corpus pretrain bench-prep bench-generate bench-kernels clean-venv resume status $(SLURM_TARGETS)
+.PHONY: help setup test test-fast corpus pretrain bench-prep bench-generate bench-kernels gpu-check clean-venv resume status $(SLURM_TARGETS)
 
 help:
 	@echo "make pretrain      set up, build a small corpus, train a tiny hybrid H3 model on CPU"
@@ -24,6 +24,8 @@ help:
 	@echo "make bench-prep    tokenization throughput -> bench/results/prep.md"
 	@echo "make bench-generate  generation tokens/s, hybrid H3 vs transformer (GPU) -> bench/results/"
 	@echo "make bench-kernels   FlashConv vs torch.fft vs SDPA, model tokens/s vs GPT-2 (GPU) -> bench/results/"
+	@echo "make gpu-check     the first command on a GPU: correctness, kernels, models, generation in <= 8 min"
+	@echo "                   -> bench/results/gpu-check-<gpu>-<date>.{json,md} (CPU: a toy-size smoke check)"
 	@echo "make setup         only create/update $(VENV)"
 
 setup: $(STAMP)
@@ -83,9 +85,14 @@ BENCH_GENERATE_ARGS ?= $(if $(filter cuda,$(DS_ACCELERATOR)),,--preset tiny --ba
 bench-generate: $(STAMP)
 	$(PY) bench/bench_generate.py $(BENCH_GENERATE_ARGS)
 
-# GPU: the issue-6 sizes; without CUDA the script runs toy sizes (smoke check, results file says CPU).
+# GPU: the sizes in the script's docstring; without CUDA it runs toy sizes (smoke check, results file says CPU).
 bench-kernels: $(STAMP)
 	$(PY) bench/bench_kernels.py $(BENCH_KERNELS_ARGS)
+
+# Needs only a CUDA torch with Triton: no set-up, so it uses .venv when there is one, else python3.
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_CHECK_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 test: $(STAMP) corpus
 	$(PY) -m pytest $(PYTEST_ARGS)

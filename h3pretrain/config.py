@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 
 class ConfigError(ValueError):
@@ -253,6 +252,13 @@ class Config:
 # dict / YAML conversion and overrides
 
 
+def _yaml():
+    """PyYAML, imported when a file or override is read (the model code does not need it)."""
+    import yaml
+
+    return yaml
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -330,7 +336,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         hint = typing.get_type_hints(type(obj))[key]
         quoted = len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\""
         # A string field takes the text as given: YAML would read 12:00:00 as 43200 and 1e3 as a float.
-        value = raw if hint is str and not quoted else yaml.safe_load(raw)
+        value = raw if hint is str and not quoted else _yaml().safe_load(raw)
         setattr(obj, key, _coerce(value, hint, path))
     return cfg
 
@@ -360,7 +366,7 @@ def expand_env(value: Any, where: str = "config", env: typing.Mapping[str, str] 
 
 
 def load_yaml(path: str | Path, overrides: list[str] = ()) -> Config:
-    data = expand_env(yaml.safe_load(Path(path).read_text()) or {}, str(path))
+    data = expand_env(_yaml().safe_load(Path(path).read_text()) or {}, str(path))
     model = data.get("model")
     if isinstance(model, dict) and "preset" in model:
         # `model: {preset: 125m, ...}` starts from the preset and overrides the given keys.
@@ -374,4 +380,4 @@ def load_yaml(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(_yaml().safe_dump(to_dict(cfg), sort_keys=False))
