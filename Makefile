@@ -26,6 +26,7 @@ help:
 	@echo "make bench-kernels   FlashConv vs torch.fft vs SDPA, model tokens/s vs GPT-2 (GPU) -> bench/results/"
 	@echo "make gpu-check     the first command on a GPU: correctness, kernels, models, generation in <= 8 min"
 	@echo "                   -> bench/results/gpu-check-<gpu>-<date>.{json,md} (CPU: a toy-size smoke check)"
+	@echo "make bench-recompute peak memory per train.recompute mode (125m, L=2048, CPU) -> bench/results/"
 	@echo "make setup         only create/update $(VENV)"
 
 setup: $(STAMP)
@@ -93,6 +94,10 @@ bench-kernels: $(STAMP)
 GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_CHECK_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Peak memory of a 125m forward+backward at L=2048 on CPU per train.recompute mode.
+bench-recompute: $(STAMP)
+	$(PY) bench/bench_recompute.py $(BENCH_RECOMPUTE_ARGS)
 
 test: $(STAMP) corpus
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -348,6 +348,7 @@ def restore_choice():
     flashconv._checked.update(checked)
 
 
+@pytest.mark.slow
 def test_h3_block_with_the_kernels_compiles_without_a_graph_break(restore_choice):
     """The kernels are custom ops with fake implementations: dynamo captures an H3 block whole, and
     the compiled block (inductor, CPU) computes what the eager one does."""
