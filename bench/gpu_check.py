@@ -399,6 +399,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--budget", type=float, default=None, help="seconds for everything (default 470 GPU, 170 CPU)")
+    ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                    help="run only these (e.g. a rerun while tuning)")
+    ap.add_argument("--section-budgets", nargs="+", default=[], metavar="NAME=SECONDS",
+                    help="override a section's time budget")
     ap.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--rows", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="toy sizes (the default without CUDA)")
@@ -419,10 +423,16 @@ def main() -> int:
           flush=True)
     result = {**info, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
               "budget_s": total, "smoke": smoke, "sections": {}}
-    for name in SECTIONS:
+    budgets = dict(SECTION_BUDGET_S[kind])
+    for item in args.section_budgets:
+        name, _, seconds = item.partition("=")
+        if name not in budgets or not seconds.replace(".", "", 1).isdigit():
+            ap.error(f"--section-budgets {item!r}: expected NAME=SECONDS with NAME one of {', '.join(SECTIONS)}")
+        budgets[name] = float(seconds)
+    for name in args.sections:
         left = total - (time.time() - start) - 3
-        budget = min(SECTION_BUDGET_S[kind][name], left)
-        if budget < 10:
+        budget = min(budgets[name], left)
+        if left < 10:
             result["sections"][name] = {"status": "skipped: no time left", "budget_s": 0, "wall_s": 0, "rows": [],
                                         "skipped": [{"case": name, "reason": "no time left in the total budget"}]}
             continue
