@@ -52,6 +52,9 @@ class ContextParallel:
 
         return gather_from_sequence_parallel_region(x.movedim(dim, 0).contiguous(), True, self.group).movedim(0, dim)
 
+    # Run eagerly inside compiled blocks (a graph break on each side): traced by dynamo, the
+    # collectives below deadlocked two gloo ranks on CPU.
+    @torch.compiler.disable
     def h3_conv(self, q, k, v, shift_taps: torch.Tensor, shift_skip: torch.Tensor, discrete: Discrete,
                 ssm_skip: torch.Tensor, head_dim: int) -> torch.Tensor:
         T = q.shape[1]
@@ -72,6 +75,7 @@ class ContextParallel:
         return h3_conv_piece(q, k, v, shift_taps, shift_skip, discrete, ssm_skip, head_dim, history,
                              entering_state)
 
+    @torch.compiler.disable
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
         """q, k, v: (B, T, heads, head_dim) of this piece -> (B, T, heads, head_dim)."""
         T = q.shape[1]
