@@ -72,7 +72,8 @@ LAYOUTS = {  # name: (processes, probe arguments, reference)
     # regional torch.compile and activation recompute under the layouts
     "TP2·PP2-SP-compiled-selective-recompute": (4, dict(tp=2, pp=2, sp=1, head_dim=1, compile=1,
                                                      recompute="selective"), "hd1"),
-    "DP2-ZeRO3-compiled-block-recompute": (2, dict(zero=3, head_dim=1, compile=1, recompute="block"), "hd1"),
+    "DP2-ZeRO3-compiled": (2, dict(zero=3, head_dim=1, compile=1), "hd1"),
+    "TP2-ZeRO2-compiled-block-recompute": (2, dict(tp=2, zero=2, head_dim=1, compile=1, recompute="block"), "hd1"),
     "CP2-compiled-selective-recompute": (2, dict(cp=2, head_dim=2, compile=1, recompute="selective"), "hd2"),
 }
 

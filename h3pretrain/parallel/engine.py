@@ -84,6 +84,13 @@ class ParallelModel:
         apply_recompute(blocks, tc.recompute)
         self.compiled = compile_wanted(tc.compile, device)
         if self.compiled:
+            if tc.zero_stage == 3:
+                # ZeRO-3 then gathers a block's parameters once, in the block's own pre-forward hook
+                # (outside the traced code), instead of per submodule inside the compiled graph.
+                from deepspeed.utils.z3_leaf_module import set_z3_leaf_module
+
+                for block in blocks:
+                    set_z3_leaf_module(block, True)
             apply_compile(blocks)
 
         local_batch = tc.global_batch // lay.dp if tc.global_batch % lay.dp == 0 else None
