@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = {  # name: (processes, probe arguments)
     "one process": (1, dict(head_dim=2)),
     "one process, selective recompute": (1, dict(head_dim=2, recompute="selective")),
+    "DP2 ZeRO-2": (2, dict(zero=2, head_dim=1)),
     "DP2 ZeRO-3": (2, dict(zero=3, head_dim=1)),
     "TP2": (2, dict(tp=2, head_dim=2)),
     "TP2 sequence parallel": (2, dict(tp=2, sp=1, head_dim=2)),
@@ -58,7 +59,7 @@ def main() -> int:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    str(ROOT / "tests" / "parallel_probe.py"), tmp, "compile=1",
                    *(f"{k}={v}" for k, v in args.items())]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         found = breaks(done.stdout + done.stderr)
         status = "ok" if done.returncode == 0 else f"exit code {done.returncode}"
         out += [f"## {name} ({nproc} process{'es' if nproc > 1 else ''}; {status}): "
