@@ -162,6 +162,16 @@ class TrainConfig:
             errors.append(f"train.compile must be true, false or auto, not {self.compile!r}")
         if self.recompute not in RECOMPUTE_MODES:
             errors.append(f"train.recompute must be none, block or selective, not {self.recompute!r}")
+        for name in ("steps", "global_batch", "micro_batch", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                errors.append(f"train.{name} must be >= 1, not {getattr(self, name)}")
+        for name in ("eval_every", "ckpt_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                errors.append(f"train.{name} must be >= 0, not {getattr(self, name)}")
+        if self.eval_every and self.eval_batches < 1:
+            errors.append(f"train.eval_batches must be >= 1 when train.eval_every > 0, not {self.eval_batches}")
+        if not self.lr > 0:
+            errors.append(f"train.lr must be > 0, not {self.lr}")
         if errors:
             raise ConfigError("; ".join(errors))
 

@@ -386,3 +386,35 @@ def test_flashconv_auto_checks_the_kernels_and_falls_back(prepared, tmp_path):
     assert int(calls.read_text()) == 1  # only the check ran the kernel
     assert run(data, reference, env={"H3_FLASHCONV": "reference"}, **short) == 0
     assert losses(broken) == losses(reference)
+
+
+def _cli_train(data, run_dir, **train) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "h3pretrain.cli", "train", *_args(data, run_dir, **train)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"steps": -5}, "train.steps must be >= 1, not -5"),
+    ({"micro_batch": 0}, "train.micro_batch must be >= 1, not 0"),
+    ({"eval_batches": 0}, "train.eval_batches must be >= 1 when train.eval_every > 0, not 0"),
+    ({"data.eval_split": "test"}, "data.eval_split 'test' is not a split of"),
+    ({"resume": "/nope"}, "train.resume=/nope: no such checkpoint directory"),
+])
+def test_bad_training_settings_fail_in_one_line_before_anything_is_written(prepared, tmp_path, bad, message):
+    data, _ = prepared
+    run_dir = tmp_path / "run"
+    done = _cli_train(data, run_dir, **bad)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert message in done.stderr and "Traceback" not in done.stderr + done.stdout
+    assert done.stderr.strip().splitlines()[-1].startswith("h3pretrain train: error: ")
+    assert not run_dir.exists()
+
+
+def test_a_rejected_config_does_not_replace_the_runs_config(prepared, tmp_path):
+    data, _ = prepared
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("the config the run was started with\n")
+    done = _cli_train(data, run_dir, global_batch=6, micro_batch=4)  # 6 does not split into micro-batches of 4
+    assert done.returncode == 2 and "train.global_batch 6 must split" in done.stderr, done.stderr[-3000:]
+    assert (run_dir / "config.yaml").read_text() == "the config the run was started with\n"

@@ -124,16 +124,23 @@ class CheckpointManager:
     # ---- reading --------------------------------------------------------------------------
 
     def verify(self, path: Path) -> str | None:
-        """None if `path` is a complete checkpoint, else what is wrong with it."""
+        """None if `path` is a complete checkpoint, else what is wrong with it (one line)."""
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             return "no manifest.json (the write did not finish)"
         try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             return f"manifest.json unreadable: {err}"
-        for rel, meta in manifest["files"].items():
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
+            return "manifest.json lacks its step or file list"
+        if "trainer_state.json" not in files or not any(rel.startswith("model/") for rel in files):
+            return "manifest.json lists no trainer state or no model weights"
+        for rel, meta in files.items():
             f = path / rel
+            if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int):
+                return f"manifest.json entry {rel!r} is malformed"
             if not f.is_file():
                 return f"{rel} is missing"
             if f.stat().st_size != meta["bytes"]:
@@ -143,17 +150,12 @@ class CheckpointManager:
         return None
 
     def find_resumable(self) -> Path | None:
-        """Collective. The newest complete checkpoint, preferring the one `latest` names."""
+        """Collective. The newest complete checkpoint (by step; `latest` only tells people which one
+        was written last: a kill between a checkpoint's rename and the pointer's update leaves it
+        one behind, and a damaged pointer is ignored)."""
         choice = None
         if _rank() == 0:
-            candidates = [p for _, p in sorted(self._step_dirs(), reverse=True)]
-            pointer = self.root / "latest"
-            if pointer.is_file():
-                named = self.root / pointer.read_text().strip()
-                if named in candidates:
-                    candidates.remove(named)
-                    candidates.insert(0, named)
-            for path in candidates:
+            for _, path in sorted(self._step_dirs(), reverse=True):
                 problem = self.verify(path)
                 if problem is None:
                     choice = str(path)

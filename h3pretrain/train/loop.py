@@ -108,6 +108,9 @@ class Prefetcher:
 
 
 def _check_data(cfg: Config, manifest: Manifest) -> None:
+    if cfg.train.eval_every and cfg.data.eval_split not in manifest.data["splits"]:
+        raise ConfigError(f"data.eval_split {cfg.data.eval_split!r} is not a split of {cfg.data.path} (it has "
+                          f"{', '.join(sorted(manifest.data['splits']))}); or set train.eval_every=0")
     vocab = manifest.vocab_size
     if cfg.model.vocab_size != vocab:
         raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but the data's tokenizer has {vocab} "
@@ -128,9 +131,6 @@ def train(cfg: Config) -> int:
     manifest = Manifest.load(cfg.data.path)
     _check_data(cfg, manifest)
     seq_len = manifest.data["seq_len"]
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / "config.yaml")
 
     torch.manual_seed(tc.seed)
     pm = ParallelModel(cfg, device, seq_len)
@@ -151,9 +151,9 @@ def train(cfg: Config) -> int:
         resume_from = ckpt.find_resumable()
     elif tc.resume != "none":
         resume_from = Path(tc.resume)
-        problem = ckpt.verify(resume_from)
+        problem = ckpt.verify(resume_from) if resume_from.is_dir() else "no such checkpoint directory"
         if problem:
-            raise RuntimeError(f"cannot resume from {resume_from}: {problem}")
+            raise ConfigError(f"train.resume={resume_from}: {problem}")
     if resume_from is not None:
         state = ckpt.read_state(resume_from)
         pm.load(resume_from, state["step"])
@@ -165,6 +165,9 @@ def train(cfg: Config) -> int:
             log.info("resumed from %s at step %d (%s tokens)%s", resume_from, step, f"{tokens:,}",
                      "" if was == lay.shape() else f", resharded from layout {was}")
 
+    if rank == 0:  # only once the config has been accepted: a rejected one never replaces the run's
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / "config.yaml")
     stop = StopRequest().install()
     tracker = Tracker(cfg, run_dir, tc.steps) if rank == 0 else None
     if tracker:

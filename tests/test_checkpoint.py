@@ -1,0 +1,53 @@
+"""CheckpointManager's choice of a checkpoint to resume from (one process, no training): the newest
+complete one wins whatever `latest` says, and damaged manifests or pointers are skipped with a
+warning, never a traceback."""
+import json
+import logging
+
+import pytest
+
+from h3pretrain.train.checkpoint import CheckpointManager
+
+
+def write(directory):
+    (directory / "model").mkdir()
+    (directory / "model" / "stage-000-of-001.safetensors").write_bytes(b"weights" * 10)
+
+
+@pytest.fixture
+def three(tmp_path):
+    ckpt = CheckpointManager(tmp_path / "checkpoints", keep_last=5)
+    for step in (2, 4, 6):
+        ckpt.save(write, step, {"step": step})
+    return ckpt
+
+
+def test_newest_complete_checkpoint_wins_over_an_older_latest(three):
+    (three.root / "latest").write_text("step-00000004\n")  # killed before the pointer moved to 6
+    assert three.find_resumable() == three.root / "step-00000006"
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe\x00garbage\x9c", b"{}", b'{"files": {}, "step": 6}',
+                                    b'{"files": {"model/x": 3}, "step": 6}', b"[1, 2]"])
+def test_damaged_newest_manifest_is_skipped_with_a_warning(three, caplog, damage):
+    (three.root / "step-00000006" / "manifest.json").write_bytes(damage)
+    with caplog.at_level(logging.WARNING):
+        assert three.find_resumable() == three.root / "step-00000004"
+    (warning,) = [r.getMessage() for r in caplog.records if "skipping checkpoint" in r.getMessage()]
+    assert "step-00000006" in warning and "manifest.json" in warning
+
+
+def test_random_bytes_in_latest_are_ignored(three):
+    (three.root / "latest").write_bytes(b"\x00\xff\xfe random \x9c")
+    assert three.find_resumable() == three.root / "step-00000006"
+
+
+def test_a_byte_flipped_weight_file_is_refused(three):
+    victim = three.root / "step-00000006" / "model" / "stage-000-of-001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[3] ^= 0x01
+    victim.write_bytes(bytes(data))
+    assert three.verify(three.root / "step-00000006") == "model/stage-000-of-001.safetensors does not match its sha256"
+    assert three.find_resumable() == three.root / "step-00000004"
+    manifest = json.loads((three.root / "step-00000004" / "manifest.json").read_text())
+    assert "trainer_state.json" in manifest["files"]
