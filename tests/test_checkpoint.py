@@ -51,3 +51,31 @@ def test_a_byte_flipped_weight_file_is_refused(three):
     assert three.find_resumable() == three.root / "step-00000004"
     manifest = json.loads((three.root / "step-00000004" / "manifest.json").read_text())
     assert "trainer_state.json" in manifest["files"]
+
+
+def test_readers_refuse_a_byte_flipped_checkpoint(tmp_path):
+    """load_checkpoint_model (export-hf, generate, eval) verifies sha256, not only sizes."""
+    from safetensors.torch import save_file
+
+    from conftest import tiny_config
+    from h3pretrain.config import Config, to_dict
+    from h3pretrain.export.consolidate import load_checkpoint_model
+    from h3pretrain.model import HybridLM
+
+    model = HybridLM(tiny_config())
+
+    def write_model(directory):
+        (directory / "model").mkdir()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(directory / "model" / "stage-000-of-001.safetensors"))
+
+    ckpt = CheckpointManager(tmp_path / "checkpoints")
+    step = ckpt.save(write_model, 6, {"step": 6, "config": to_dict(Config(model=tiny_config()))})
+    cfg, weights = load_checkpoint_model(step)
+    assert cfg.model.d_model == 32 and set(weights) == set(model.state_dict())
+    victim = step / "model" / "stage-000-of-001.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x10  # a weight's bytes: the size stays the same
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="stage-000-of-001.safetensors does not match its sha256"):
+        load_checkpoint_model(step)

@@ -36,14 +36,11 @@ def resolve_step_dir(path: str | Path) -> Path:
 
 
 def _check_complete(step: Path) -> None:
-    """The manifest is written last: without it, or with a file of another size, the save was torn."""
-    manifest = step / "manifest.json"
-    if not manifest.is_file():
-        raise ValueError(f"{step} is incomplete (no manifest.json): the save did not finish")
-    for rel, meta in json.loads(manifest.read_text())["files"].items():
-        f = step / rel
-        if not f.is_file() or f.stat().st_size != meta["bytes"]:
-            raise ValueError(f"{step} is damaged: {rel} is missing or not {meta['bytes']} bytes")
+    from ..train.checkpoint import verify_checkpoint
+
+    problem = verify_checkpoint(step)
+    if problem:
+        raise ValueError(f"{step} is incomplete or damaged: {problem}")
 
 
 def load_checkpoint_model(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:

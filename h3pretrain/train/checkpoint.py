@@ -77,6 +77,35 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all([state[k] for k in sorted(state) if k.startswith("cuda")])
 
 
+def verify_checkpoint(path: Path) -> str | None:
+    """None if `path` is a complete checkpoint, else what is wrong with it (one line). Every reader
+    of a checkpoint (resume, export, generate, eval) calls this first: sizes and sha256 of every
+    file against the manifest, which is written last."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        return "no manifest.json (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"manifest.json unreadable: {err}"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
+        return "manifest.json lacks its step or file list"
+    if "trainer_state.json" not in files or not any(rel.startswith("model/") for rel in files):
+        return "manifest.json lists no trainer state or no model weights"
+    for rel, meta in files.items():
+        f = path / rel
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int):
+            return f"manifest.json entry {rel!r} is malformed"
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{rel} has {f.stat().st_size} bytes, manifest says {meta['bytes']}"
+        if "sha256" in meta and _sha256(f) != meta["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
 class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int = 3, hash_files: bool = True):
         self.root = Path(root)
@@ -124,30 +153,8 @@ class CheckpointManager:
     # ---- reading --------------------------------------------------------------------------
 
     def verify(self, path: Path) -> str | None:
-        """None if `path` is a complete checkpoint, else what is wrong with it (one line)."""
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            return "no manifest.json (the write did not finish)"
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            return f"manifest.json unreadable: {err}"
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
-            return "manifest.json lacks its step or file list"
-        if "trainer_state.json" not in files or not any(rel.startswith("model/") for rel in files):
-            return "manifest.json lists no trainer state or no model weights"
-        for rel, meta in files.items():
-            f = path / rel
-            if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int):
-                return f"manifest.json entry {rel!r} is malformed"
-            if not f.is_file():
-                return f"{rel} is missing"
-            if f.stat().st_size != meta["bytes"]:
-                return f"{rel} has {f.stat().st_size} bytes, manifest says {meta['bytes']}"
-            if "sha256" in meta and _sha256(f) != meta["sha256"]:
-                return f"{rel} does not match its sha256"
-        return None
+        """None if `path` is a complete checkpoint, else what is wrong with it (verify_checkpoint)."""
+        return verify_checkpoint(path)
 
     def find_resumable(self) -> Path | None:
         """Collective. The newest complete checkpoint (by step; `latest` only tells people which one
