@@ -1,4 +1,4 @@
-"""FlashConv benchmark (issue 6): the H3 mixer's long convolutions, fused Triton kernels vs the
+"""FlashConv benchmark: the H3 mixer's long convolutions, fused Triton kernels vs the
 torch.fft reference vs SDPA attention, and whole-model training throughput.
 
 1. Kernels, fwd+bwd of the convolution section (q, k, v -> out) at L = 1K .. 64K with B*L = 16K

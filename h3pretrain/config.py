@@ -26,7 +26,7 @@ RECOMPUTE_MODES = ("none", "block", "selective")
 
 @dataclass
 class ModelConfig:
-    """Shape and initialisation of a hybrid H3 + attention language model (DESIGN.md sections 1-3)."""
+    """Shape and initialisation of a hybrid H3 + attention language model (docs/design.md sections 1-3)."""
 
     vocab_size: int = 50257
     pad_vocab_multiple: int = 8
@@ -91,7 +91,7 @@ def _released(d_model: int, n_layer: int, heads: int, attn: list[int], **kw: Any
     return ModelConfig(d_model=d_model, n_layer=n_layer, attn_num_heads=heads, attn_layer_idx=attn, **kw)
 
 
-# Shapes of the released H3 checkpoints (DESIGN.md section 3) plus a CPU-sized one.
+# Shapes of the released H3 checkpoints (docs/design.md section 3) plus a CPU-sized one.
 PRESETS: dict[str, typing.Callable[[], ModelConfig]] = {
     "tiny": lambda: ModelConfig(vocab_size=4096, d_model=128, n_layer=4, attn_layer_idx=[2], attn_num_heads=4),
     "125m": lambda: _released(768, 12, 12, [6]),

@@ -1,4 +1,4 @@
-"""The paper's synthetic in-context-learning tasks (DESIGN.md section 3), set up as the reference
+"""The paper's synthetic in-context-learning tasks (docs/design.md section 3), set up as the reference
 code (HazyResearch/safari: dataloaders/synthetics.py, configs/experiment/synthetics) does: 2-layer
 models of width 32, 5,000 training and 500 test examples drawn once, AdamW lr 5e-4 (SSM parameters
 at most 1e-3), weight decay 0.1, 10% warmup, batches of 32, embedding/attention dropout 0.1.

@@ -2,7 +2,7 @@
 
 Everything lives in one directory: config, state, logs, pid files and munged's socket, and the
 daemons listen on free ports, so two instances (or one beside a system SLURM) do not collide.
-Daemons are stopped by the PIDs they wrote, never by name. See ../shared/slurm-local.md.
+Daemons are stopped by the PIDs they wrote, never by name.
 
     python tests/slurm_local.py up DIR     # start; prints `export SLURM_CONF=...`
     python tests/slurm_local.py down DIR   # stop

@@ -4,7 +4,7 @@ import torch
 from h3pretrain.config import Config, ConfigError, apply_overrides, load_yaml, preset, save_yaml
 from h3pretrain.model import HybridLM
 
-# DESIGN.md section 3: parameter counts of the released shapes.
+# docs/design.md section 3: parameter counts of the released shapes.
 RELEASED = {"125m": 126_387_456, "355m": 361_058_304, "1.3b": 1_326_096_384, "2.7b": 2_670_307_840}
 
 

@@ -1,4 +1,4 @@
-"""Released-H3 checkpoint import/export (DESIGN.md section 2 key names)."""
+"""Released-H3 checkpoint import/export (docs/design.md section 2 key names)."""
 import collections
 
 import pytest

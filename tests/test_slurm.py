@@ -22,7 +22,7 @@ from slurm_local import LocalSlurm, SlurmUnavailable, ensure_installed
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "launch" / "configs"
-# DESIGN.md section 3: lr, global batch (sequences of 2048), ~400B tokens; parameters from the table.
+# docs/design.md section 3: lr, global batch (sequences of 2048), ~400B tokens; parameters from the table.
 RECIPE = {"125m": (6e-4, 256, 126_387_456), "355m": (3e-4, 256, 361_058_304),
           "1.3b": (2e-4, 512, 1_326_096_384), "2.7b": (1.6e-4, 512, 2_670_307_840)}
 

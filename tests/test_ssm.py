@@ -1,4 +1,4 @@
-"""The SSM kernels against their definitions (DESIGN.md section 1), in float64 where possible."""
+"""The SSM kernels against their definitions (docs/design.md section 1), in float64 where possible."""
 import math
 
 import torch

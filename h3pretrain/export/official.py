@@ -1,7 +1,7 @@
 """Released-H3 state dicts <-> HybridLM.
 
 Accepted input forms:
-  - the official names (DESIGN.md section 2), `backbone.*` + `lm_head.weight`;
+  - the official names (docs/design.md section 2), `backbone.*` + `lm_head.weight`;
   - older files whose backbone is called `s4seq.encoder.`;
   - PyTorch-Lightning files: {"state_dict": {"model.<name>": ...}, ...};
   - the 2.7B rotary file's `...mixer.rotary_emb.inv_freq` buffers (recomputed, so dropped).

@@ -1,4 +1,4 @@
-"""The H3 mixer (DESIGN.md section 1): q, k, v projections; shift SSM on k; per-head k (x) v;
+"""The H3 mixer (docs/design.md section 1): q, k, v projections; shift SSM on k; per-head k (x) v;
 diagonal SSM; gating by q; output projection.
 
 Convolution mode calls `flashconv.h3_conv`; recurrent mode (generation) keeps O(D*N) state per

@@ -1,5 +1,5 @@
 """The hybrid language model: word embedding, pre-norm blocks (H3 or attention mixer + MLP),
-final LayerNorm, LM head tied to the embedding. No position embeddings (DESIGN.md section 2).
+final LayerNorm, LM head tied to the embedding. No position embeddings (docs/design.md section 2).
 
 Module names follow the released checkpoints, except that the two SSM kernels are called
 `shift_kernel` and `diag_kernel` (released: `ssm_k_kernel.kernel`, `kernel.kernel`);

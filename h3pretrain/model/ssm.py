@@ -1,4 +1,4 @@
-"""The two state-space kernels of H3 (DESIGN.md section 1), convolution and recurrent views.
+"""The two state-space kernels of H3 (docs/design.md section 1), convolution and recurrent views.
 
 ShiftSSMKernel: a state-N shift register, i.e. a learned causal FIR filter of N taps per channel.
 DiagSSMKernel:  S4D-Lin diagonal SSM with N/2 complex modes per head, bilinear discretisation.
@@ -17,7 +17,7 @@ from torch import nn
 from flashconv.reference import ssm_step
 from flashconv.state_passing import final_state, ssm_kernel
 
-# Parameters that get weight decay 0 (DESIGN.md section 1); C and D are decayed.
+# Parameters that get weight decay 0 (docs/design.md section 1); C and D are decayed.
 NO_WEIGHT_DECAY = ("log_dt", "inv_A_real", "A_imag", "B")
 
 

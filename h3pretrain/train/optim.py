@@ -12,7 +12,7 @@ from ..model.ssm import NO_WEIGHT_DECAY
 
 
 def is_no_decay(name: str) -> bool:
-    """SSM parameters log_dt, inv_A_real, A_imag and both B's (DESIGN.md section 1)."""
+    """SSM parameters log_dt, inv_A_real, A_imag and both B's (docs/design.md section 1)."""
     leaf = name.rsplit(".", 1)[-1]
     return leaf in NO_WEIGHT_DECAY and ("shift_kernel." in name or "diag_kernel." in name)
 

@@ -43,7 +43,7 @@ def h3_conv_reference(
     ssm_skip: torch.Tensor,
     head_dim: int,
 ) -> torch.Tensor:
-    """The convolution section of an H3 mixer (DESIGN.md section 1, steps 2-5).
+    """The convolution section of an H3 mixer (docs/design.md section 1, steps 2-5).
 
     q, k, v: (B, L, D) projections, channel c = h * head_dim + d (head-major).
     shift_taps: (D, N) FIR taps of the shift SSM; shift_skip: (D,).
