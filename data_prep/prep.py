@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from .reader import CorruptInput, file_fingerprint, find_inputs, iter_records, parse_record
+from .reader import ReadProblem, file_fingerprint, find_inputs, iter_records, parse_record
 from .workers import init_worker, process_batch
-from .tokenizer import EOS_ID, load_tokenizer, sha256_file, train_tokenizer
+from .tokenizer import EOS_ID, MIN_VOCAB, TokenizerTrainingError, load_tokenizer, sha256_file, train_tokenizer
+from h3pretrain.errors import UserError
 
 log = logging.getLogger("h3pretrain.prep")
 FORMAT = "h3pretrain-shards-v1"
@@ -38,7 +39,7 @@ STATE_DIR = ".prep-state"
 MAX_WARNINGS_PER_REASON = 20
 
 
-class PrepError(ValueError):
+class PrepError(UserError):
     """Refused before any work: bad arguments or an output directory made differently."""
 
 
@@ -158,16 +159,25 @@ def _tokenizer_sample(files: list[Path], settings: PrepSettings):
     sets = frozenset(settings.pile_sets) if settings.pile_sets else None
     for i, path in enumerate(files):
         taken = 0
-        try:
-            for rec in iter_records(path, i):
-                parsed = parse_record(rec, 0.0, sets)
-                if parsed.skip is None:
-                    yield parsed.text
-                    taken += len(rec.data)
-                    if taken >= share:
-                        break
-        except CorruptInput:
-            continue
+        for rec in iter_records(path, i):
+            if isinstance(rec, ReadProblem):
+                continue
+            parsed = parse_record(rec, 0.0, sets)
+            if parsed.skip is None:
+                yield parsed.text
+                taken += len(rec.data)
+                if taken >= share:
+                    break
+
+
+class _Counted:
+    def __init__(self, items):
+        self.items, self.count = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.count += 1
+            yield item
 
 
 class _Warnings:
@@ -183,35 +193,88 @@ class _Warnings:
                         if self.count[reason] == MAX_WARNINGS_PER_REASON else "")
 
 
+def validate(settings: PrepSettings) -> list[Path]:
+    """Every argument checked before anything is written; returns the input files."""
+    s = settings
+    for flag, value, low in (("--seq-len", s.seq_len, 1), ("--samples-per-shard", s.samples_per_shard, 1),
+                             ("--workers", s.workers, 1), ("batch_records", s.batch_records, 1)):
+        if not isinstance(value, int) or value < low:
+            raise PrepError(f"{flag} {value}: must be an integer >= {low}")
+    if not s.tokenizer and not MIN_VOCAB <= s.vocab_size < 2**31:
+        raise PrepError(f"--vocab-size {s.vocab_size}: must be at least {MIN_VOCAB} (256 byte pieces, <unk>, <s>, "
+                        "</s> and one merge) and below 2^31")
+    if not 0.0 <= s.val_fraction < 1.0:
+        raise PrepError(f"--val-fraction {s.val_fraction}: must be in [0, 1) (it is the share of documents "
+                        "hashed into the val split; 1 would leave no training data)")
+    if not s.tokenizer and not s.tokenizer_sample_mb > 0:
+        raise PrepError(f"--tokenizer-sample-mb {s.tokenizer_sample_mb}: must be positive")
+    if s.pile_sets is not None and not all(isinstance(x, str) and x for x in s.pile_sets):
+        raise PrepError(f"--pile-set {s.pile_sets}: names must be non-empty")
+    out = Path(s.out)
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"--out {out}: exists and is not a directory")
+    if s.tokenizer and not Path(s.tokenizer).is_file():
+        raise PrepError(f"--tokenizer {s.tokenizer}: no such file")
+    files = find_inputs(s.inputs)  # errors on a missing path or an unsupported file
+    if out.resolve() in [p for f in files for p in f.parents]:
+        raise PrepError(f"--out {out}: is inside the inputs ({', '.join(s.inputs)})")
+    if all(f.stat().st_size == 0 for f in files):
+        raise PrepError(f"every input file is empty (0 bytes): {', '.join(map(str, files[:5]))}")
+    return files
+
+
+def _read_state(out: Path, state_file: Path) -> tuple[dict | None, str | None]:
+    """The saved resume state, or why it cannot be used (damaged, or its shards altered)."""
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        for s in SPLITS:
+            for shard in state["shards"][s]:
+                f = out / shard["name"]
+                if not f.is_file() or f.stat().st_size != shard["bytes"]:
+                    return None, f"{shard['name']} is missing or has another size than recorded"
+            if not (state_file.parent / state["pending"][s]).is_file():
+                return None, f"{state['pending'][s]} is missing"
+        return state, None
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        return None, f"damaged ({type(err).__name__}: {err})"
+
+
 def prepare(settings: PrepSettings, progress: bool = True) -> dict:
     """Runs (or resumes, or confirms) a preparation; returns the manifest."""
-    if settings.seq_len < 1 or settings.samples_per_shard < 1:
-        raise PrepError("seq_len and samples_per_shard must be positive")
-    files = find_inputs(settings.inputs)  # errors on a missing path before any work
+    files = validate(settings)
     out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
     tok_path = out / "tokenizer.model"
     given_sha = None
     if settings.tokenizer:
-        if not Path(settings.tokenizer).is_file():
-            raise PrepError(f"tokenizer model not found: {settings.tokenizer}")
+        load_tokenizer(settings.tokenizer)  # refuses a file that is not a SentencePiece model
         given_sha = sha256_file(settings.tokenizer)
     fingerprint = _fingerprint(settings, files, given_sha)
     recorded = out / "prep.json"
+    created = False
     if recorded.exists():
-        diffs = _differences(json.loads(recorded.read_text()), fingerprint)
+        try:
+            previous = json.loads(recorded.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise PrepError(f"{recorded} is damaged ({err}); use another --out") from None
+        diffs = _differences(previous, fingerprint) if isinstance(previous, dict) else ["prep.json is not an object"]
         if diffs:
             raise PrepError(f"{out} was prepared with other settings; use another --out or the same "
-                            "arguments:\n  " + "\n  ".join(diffs))
+                            "arguments: " + "; ".join(diffs))
     else:
-        if any(out.glob("*.tar")) or (out / "manifest.json").exists():
+        if out.is_dir() and (any(out.glob("*.tar")) or (out / "manifest.json").exists()):
             raise PrepError(f"{out} holds shards from an unknown preparation; use an empty directory")
+        out.mkdir(parents=True, exist_ok=True)
         _write_json(recorded, fingerprint)
+        created = True
 
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)  # left by a kill just after the manifest was renamed
         log.info("%s is complete (manifest.json present): nothing to do", out)
         return json.loads(manifest_path.read_text())
+    for f in files:
+        if f.stat().st_size == 0:
+            log.warning("%s: empty file (0 bytes): nothing to read", f)
 
     # tokenizer
     for stale in out.glob("spm-*"):  # a training killed mid-way
@@ -224,7 +287,15 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
         t0 = time.time()
         log.info("training a %d-token BPE tokenizer on up to %.0f MB of documents", settings.vocab_size,
                  settings.tokenizer_sample_mb)
-        train_tokenizer(_tokenizer_sample(files, settings), tok_path, settings.vocab_size, settings.workers)
+        sample = _Counted(_tokenizer_sample(files, settings))
+        try:
+            train_tokenizer(sample, tok_path, settings.vocab_size, settings.workers)
+        except TokenizerTrainingError as err:
+            if created:  # nothing else was written: leave the directory as if this run never happened
+                recorded.unlink()
+            if sample.count == 0:
+                raise PrepError(f"no valid document in {', '.join(settings.inputs)} to train the tokenizer on") from None
+            raise PrepError(f"--vocab-size {settings.vocab_size}: {err}") from None
         log.info("tokenizer trained in %.1f s -> %s", time.time() - t0, tok_path)
     sp = load_tokenizer(tok_path)
     vocab = sp.vocab_size()
@@ -236,14 +307,18 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
     state_dir = out / STATE_DIR
     state_dir.mkdir(exist_ok=True)
     stats = {"documents": {s: 0 for s in SPLITS}, "skipped": {}, "records": [0] * len(files),
-             "stopped_at": [None] * len(files)}
+             "problems": [[] for _ in files]}
     position = (0, 0)
     state_file = state_dir / "state.json"
-    if state_file.exists():
-        state = json.loads(state_file.read_text())
+    state, problem = _read_state(out, state_file) if state_file.exists() else (None, None)
+    if problem:
+        log.warning("%s: %s: starting the preparation over (it is deterministic: the same shards result)",
+                    state_file, problem)
+    if state is not None:
         for s in SPLITS:
-            packers[s].restore(state["shards"][s], np.load(state_dir / state["pending"][s]))
+            packers[s].restore(state["shards"][s], np.load(state_dir / state["pending"][s], allow_pickle=False))
         stats, position = state["stats"], tuple(state["position"])
+        stats.setdefault("problems", [[] for _ in files])
         log.info("resuming at input %d record %d (%d train / %d val shards done)", position[0], position[1],
                  len(state["shards"]["train"]), len(state["shards"]["val"]))
     for stale in list(out.glob("*.tmp")) + list(state_dir.glob("*.tmp*")):
@@ -262,6 +337,7 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
                 old.unlink()
 
     warn = _Warnings()
+    problems: dict[tuple[int, int], ReadProblem] = {}
     skipped = collections.Counter(stats["skipped"])
     sets = frozenset(settings.pile_sets) if settings.pile_sets else None
     t0, tokens_done, docs_done = time.time(), 0, 0
@@ -275,14 +351,13 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
         batch = []
         for fi in range(position[0], len(files)):
             start = position[1] if fi == position[0] else 0
-            try:
-                for rec in iter_records(files[fi], fi, start):
-                    batch.append(rec)
-                    if len(batch) >= settings.batch_records:
-                        yield batch
-                        batch = []
-            except CorruptInput as err:
-                batch.append(("corrupt", fi, err.index))
+            for rec in iter_records(files[fi], fi, start):
+                if isinstance(rec, ReadProblem):
+                    problems[(fi, rec.index)] = rec
+                batch.append(rec)
+                if len(batch) >= settings.batch_records:
+                    yield batch
+                    batch = []
         if batch:
             yield batch
 
@@ -306,10 +381,14 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
                 position = (fi, index + 1)
                 if skip is not None:
                     skipped[skip] += 1
-                    if skip == "corrupt_zst":
-                        stats["stopped_at"][fi] = index + 1
-                        position = (fi + 1, 0)
-                    warn.skip(files[fi], index, skip, "txt" if files[fi].name.endswith(".txt") else "json")
+                    problem = problems.pop((fi, index), None)
+                    if problem is not None:
+                        stats["problems"][fi].append({"kind": problem.kind, "line": index + 1, "offset": problem.offset,
+                                                      "resumed_at": problem.resumed_at,
+                                                      "partial_record_lost": problem.partial_record})
+                        log.warning("%s: after line %d: %s", files[fi], index, problem.describe())
+                    else:
+                        warn.skip(files[fi], index, skip, "txt" if files[fi].name.endswith(".txt") else "json")
                     continue
                 split = "val" if is_val else "train"
                 if last_piece:
@@ -343,8 +422,7 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
         "val_fraction": settings.val_fraction,
         "pile_sets": sorted(settings.pile_sets) if settings.pile_sets else None,
         "inputs": [{**file_fingerprint(f), "records_read": stats["records"][i],
-                    "complete": stats["stopped_at"][i] is None,
-                    **({"stopped_at_line": stats["stopped_at"][i]} if stats["stopped_at"][i] else {})}
+                    "complete": not stats["problems"][i], "problems": stats["problems"][i]}
                    for i, f in enumerate(files)],
         "skipped": stats["skipped"],
         "splits": {s: {"documents": stats["documents"][s],

@@ -13,8 +13,15 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
+from h3pretrain.errors import InputFileError, UserError
+
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 MAX_SENTENCE_BYTES = 8192
+MIN_VOCAB = 256 + 3 + 1  # byte-fallback pieces, <unk> <s> </s>, and at least one merge
+
+
+class TokenizerTrainingError(UserError):
+    """SentencePiece refused to train (a vocabulary the sample cannot fill, or no text)."""
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -47,7 +54,11 @@ def train_tokenizer(docs: Iterable[str], out: Path, vocab_size: int, threads: in
 
     out = Path(out)
     with tempfile.TemporaryDirectory(prefix="spm-", dir=out.parent) as tmp:
-        _train(docs, os.path.join(tmp, "tokenizer"), vocab_size, threads)
+        try:
+            _train(docs, os.path.join(tmp, "tokenizer"), vocab_size, threads)
+        except RuntimeError as err:  # sentencepiece reports bad settings for the sample this way
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise TokenizerTrainingError(f"tokenizer training failed for vocab_size {vocab_size}: {reason}") from None
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(Path(tmp, "tokenizer.model").read_bytes())
     # The file records where and with how many threads it was trained; the vocabulary does not
@@ -83,5 +94,8 @@ def _train(docs: Iterable[str], tmp_prefix: str, vocab_size: int, threads: int) 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer model not found: {path}")
-    return spm.SentencePieceProcessor(model_file=str(path))
+        raise InputFileError(f"tokenizer model not found: {path}")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        raise InputFileError(f"{path} is not a SentencePiece model ({str(err).strip()[:120]})") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .reader import parse_record
+from .reader import ReadProblem, parse_record
 
 _SP = None
 
@@ -19,11 +19,11 @@ def init_worker(model_bytes: bytes) -> None:
 def process_batch(batch: list, val_fraction: float, sets: frozenset | None) -> list:
     """-> [(file_index, index, last_piece, skip_reason, is_val, tokens)] in input order.
 
-    A ("corrupt", file_index, line) item from the reader passes through as a skipped record."""
+    A ReadProblem from the reader passes through as a skipped record (its kind as the reason)."""
     out, texts, slots = [], [], []
     for item in batch:
-        if isinstance(item, tuple):
-            out.append((item[1], item[2], True, "corrupt_zst", False, None))
+        if isinstance(item, ReadProblem):
+            out.append((item.file_index, item.index, True, item.kind, False, None))
             continue
         parsed = parse_record(item, val_fraction, sets)
         out.append([item.file_index, item.index, item.last_piece, parsed.skip, parsed.is_val, None])

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..errors import InputFileError
 
 SUPPORTED_FORMAT = "h3pretrain-shards-v1"
 
 
-class ShardError(RuntimeError):
+class ShardError(InputFileError):
     """A shard that is missing, truncated or altered; the message names it."""
 
 

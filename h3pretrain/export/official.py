@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from ..errors import UserError
 
 _RENAMES = ((".mixer.ssm_k_kernel.kernel.", ".mixer.shift_kernel."), (".mixer.kernel.kernel.", ".mixer.diag_kernel."))
 EMBEDDING_KEY = "backbone.embeddings.word_embeddings.weight"
 HEAD_KEY = "lm_head.weight"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A state dict that does not fit the model; the message lists every problem."""
 
 

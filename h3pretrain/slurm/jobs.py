@@ -16,13 +16,14 @@ import yaml
 
 from ..config import ConfigError, load_yaml, save_yaml, to_dict
 from .script import JobPlan, plan, python_for_jobs, render
+from ..errors import UserError
 
 # States in which a job still holds or waits for resources: a second job must not share the run dir.
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
                  "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "SPECIAL_EXIT", "RESV_DEL_HOLD"}
 
 
-class SlurmError(RuntimeError):
+class SlurmError(UserError):
     """A SLURM command failed or a job cannot be submitted; the message says what to do."""
 
 
