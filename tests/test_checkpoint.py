@@ -79,3 +79,40 @@ def test_readers_refuse_a_byte_flipped_checkpoint(tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="stage-000-of-001.safetensors does not match its sha256"):
         load_checkpoint_model(step)
+
+
+def test_pruning_counts_good_checkpoints_and_sets_damaged_ones_aside(tmp_path, caplog):
+    """Resumed from step 4 while damaged steps 6 and 8 exist: the save at step 5 must keep 5 and 4
+    (and older good ones up to keep_last), and move 6 and 8 aside instead of deleting the good ones."""
+    ckpt = CheckpointManager(tmp_path / "checkpoints", keep_last=2)
+    for step in (2, 4, 6, 8):
+        ckpt.keep_last = 9
+        ckpt.save(write, step, {"step": step})
+    (ckpt.root / "step-00000006" / "manifest.json").write_bytes(b"\x00garbage")
+    (ckpt.root / "step-00000008" / "model" / "stage-000-of-001.safetensors").write_bytes(b"short")
+    ckpt.keep_last = 2
+    with caplog.at_level(logging.WARNING):
+        ckpt.save(write, 5, {"step": 5})
+    kept = sorted(p.name for p in ckpt.root.glob("step-*"))
+    assert kept == ["step-00000004", "step-00000005"]
+    assert sorted(p.name for p in (ckpt.root / "damaged").iterdir()) == ["step-00000006", "step-00000008"]
+    assert "step-00000008" in caplog.text and "moved to" in caplog.text
+    assert ckpt.find_resumable() == ckpt.root / "step-00000005"
+
+
+def test_the_checkpoint_just_written_is_never_pruned(tmp_path):
+    """An older step saved after a newer good one (keep_last 1): both the one just written and the
+    newest good one stay."""
+    ckpt = CheckpointManager(tmp_path / "checkpoints", keep_last=1)
+    ckpt.save(write, 8, {"step": 8})
+    ckpt.save(write, 3, {"step": 3})
+    assert sorted(p.name for p in ckpt.root.glob("step-*")) == ["step-00000003", "step-00000008"]
+    ckpt.save(write, 9, {"step": 9})
+    assert sorted(p.name for p in ckpt.root.glob("step-*")) == ["step-00000009"]
+
+
+def test_an_explicit_older_resume_sets_the_newer_checkpoints_aside(three):
+    three.set_aside_newer(three.root / "step-00000002")
+    assert sorted(p.name for p in three.root.glob("step-*")) == ["step-00000002"]
+    assert sorted(p.name for p in (three.root / "superseded").iterdir()) == ["step-00000004", "step-00000006"]
+    assert three.find_resumable() == three.root / "step-00000002"

@@ -9,9 +9,12 @@
             trainer_state.json       step (= Adam's step count), tokens seen, data-loader position, layout, config
             manifest.json            every file with its size (and sha256): written last
         latest                       name of the newest complete checkpoint: updated after the rename
+        damaged/step-...             checkpoints found damaged when pruning (set aside, never deleted)
+        superseded/step-...          checkpoints newer than one resumed from explicitly (train.resume=PATH)
 
 A directory is complete only if its manifest exists and every file matches it; `find_resumable`
-walks from `latest` (then from the newest step down) and skips anything torn, with a warning.
+walks from the newest step down and skips anything torn, with a warning. Pruning keeps the
+`keep_last` newest good checkpoints, and always the one just written.
 The tensors are layout-independent (h3pretrain.parallel.canonical): a checkpoint written under one
 TP x PP x DP layout and ZeRO stage resumes under any other. Every torch.load runs with weights_only=True.
 """
@@ -77,10 +80,10 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all([state[k] for k in sorted(state) if k.startswith("cuda")])
 
 
-def verify_checkpoint(path: Path) -> str | None:
+def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
     """None if `path` is a complete checkpoint, else what is wrong with it (one line). Every reader
     of a checkpoint (resume, export, generate, eval) calls this first: sizes and sha256 of every
-    file against the manifest, which is written last."""
+    file against the manifest, which is written last. `hashes=False` checks sizes only (pruning)."""
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         return "no manifest.json (the write did not finish)"
@@ -101,7 +104,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{rel} is missing"
         if f.stat().st_size != meta["bytes"]:
             return f"{rel} has {f.stat().st_size} bytes, manifest says {meta['bytes']}"
-        if "sha256" in meta and _sha256(f) != meta["sha256"]:
+        if hashes and "sha256" in meta and _sha256(f) != meta["sha256"]:
             return f"{rel} does not match its sha256"
     return None
 
@@ -136,14 +139,43 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_text_atomic(self.root / "latest", name + "\n")
-            self._prune()
+            self._prune(final)
         _barrier()
         return final
 
-    def _prune(self) -> None:
-        steps = sorted(self._step_dirs(), reverse=True)
-        for _, path in steps[self.keep_last:]:
-            shutil.rmtree(path, ignore_errors=True)
+    def _prune(self, written: Path) -> None:
+        """Keeps the `keep_last` newest good checkpoints, always the newest good one and the one just
+        written (which differ after an explicit resume from an older step). A damaged
+        one is never counted as kept, nor deleted: it is moved to `damaged/` with a warning."""
+        good = 0
+        for _, path in sorted(self._step_dirs(), reverse=True):
+            problem = None if path == written else verify_checkpoint(path, hashes=False)
+            if problem:
+                self._set_aside(path, "damaged", problem)
+            elif good < self.keep_last or path == written or good == 0:  # never the newest good one
+                good += 1
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _set_aside(self, path: Path, why: str, problem: str) -> Path:
+        target = self.root / why / path.name
+        n = 1
+        while target.exists():
+            target, n = self.root / why / f"{path.name}.{n}", n + 1
+        target.parent.mkdir(exist_ok=True)
+        os.replace(path, target)
+        log.warning("checkpoint %s %s: moved to %s", path, problem, target)
+        return target
+
+    def set_aside_newer(self, resumed: Path) -> None:
+        """Rank 0, after an explicit resume from an older checkpoint: the newer ones belong to the
+        run's abandoned continuation and must not be chosen by a later automatic resume."""
+        step = int(STEP_DIR.match(resumed.name).group(1)) if STEP_DIR.match(resumed.name) else None
+        if step is None or resumed.parent.resolve() != self.root.resolve():
+            return
+        for other, path in self._step_dirs():
+            if other > step:
+                self._set_aside(path, "superseded", f"is newer than the resumed step {step}")
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
         if not self.root.is_dir():

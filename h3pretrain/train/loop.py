@@ -168,6 +168,8 @@ def train(cfg: Config) -> int:
     if rank == 0:  # only once the config has been accepted: a rejected one never replaces the run's
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
+        if resume_from is not None and tc.resume != "auto":
+            ckpt.set_aside_newer(resume_from)
     stop = StopRequest().install()
     tracker = Tracker(cfg, run_dir, tc.steps) if rank == 0 else None
     if tracker:
