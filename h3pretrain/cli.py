@@ -64,11 +64,14 @@ def _prep(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .train.signals import StopRequest
+
+    stop = StopRequest().install()  # before torch is imported: a preemption in start-up is honoured
     from .config import Config, apply_overrides, load_yaml
     from .train.loop import train
 
     cfg = load_yaml(args.config, args.set) if args.config else apply_overrides(Config(), args.set)
-    code = train(cfg)  # an exception propagates as usual (a failure)
+    code = train(cfg, stop)  # an exception propagates as usual (a failure)
     import logging
 
     import torch.distributed as dist

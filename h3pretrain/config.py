@@ -147,6 +147,9 @@ class TrainConfig:
     ckpt_every: int = 100
     keep_last: int = 3
     resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | <checkpoint dir>
+    # a resume refuses data whose manifest differs from the run's (seq_len, tokenizer, shards);
+    # true continues on the new data anyway (the sample order then differs from the run's)
+    allow_data_change: bool = False
     hash_checkpoints: bool = True  # sha256 of every checkpoint file in its manifest
     mlflow: bool = True
     mlflow_uri: str = ""  # default: sqlite database inside run_dir
@@ -377,7 +380,22 @@ def expand_env(value: Any, where: str = "config", env: typing.Mapping[str, str] 
 
 
 def load_yaml(path: str | Path, overrides: list[str] = ()) -> Config:
-    data = expand_env(_yaml().safe_load(Path(path).read_text()) or {}, str(path))
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    yaml = _yaml()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections (model, data, train, ...), "
+                          f"not a {type(data).__name__}")
+    data = expand_env(data, str(path))
     model = data.get("model")
     if isinstance(model, dict) and "preset" in model:
         # `model: {preset: 125m, ...}` starts from the preset and overrides the given keys.

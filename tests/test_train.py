@@ -159,7 +159,13 @@ def test_exact_resume_after_sigkill_and_corrupt_latest(reference, tmp_path):
     (experiment,) = [e for e in client.search_experiments() if e.name == "h3pretrain"]
     (mrun,) = client.search_runs([experiment.experiment_id])
     history = client.get_metric_history(mrun.info.run_id, "loss")
-    assert {m.step for m in history} == set(range(1, 9)) and mrun.info.status == "FINISHED"
+    assert [m.step for m in history] == list(range(1, 9)) and mrun.info.status == "FINISHED"  # each step once
+    assert [m.value for m in history] == [losses(ref_dir)[s] for s in range(1, 9)]
+    # metrics.jsonl too holds each step once; what the killed continuations logged is kept aside
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+    assert (run_dir / "metrics.superseded.jsonl").read_text().count('"kind": "train"') >= 1
 
 
 def test_stop_request_ends_a_wait_for_data():
@@ -278,6 +284,53 @@ def test_signal_during_evaluation(prepared, tmp_path):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted" and status["step"] == 1 and status["signal"] == "SIGTERM"
     assert (run_dir / "checkpoints" / "step-00000001" / "manifest.json").is_file()
+    # the cut evaluation is redone on resume, and recorded once
+    assert run(data, run_dir, steps=2, eval_every=1, eval_batches=2, ckpt_every=0) == 0
+    evals = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert evals == [1, 2]
+
+
+def test_a_signal_during_start_up_exits_75_with_status_preempted(prepared, tmp_path):
+    """SIGTERM while the interpreter still imports torch, and again while the model is being built:
+    both end with 75 and status.json `preempted` (a previous run's status is never left behind)."""
+    data, _ = prepared
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text('{"state": "finished", "step": 99}\n')
+    proc = launch(data, run_dir)
+    time.sleep(0.6)  # python is up (the handler is installed first thing), torch is still being imported
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["signal"] == "SIGTERM" and status["step"] is None
+    proc = launch(data, run_dir)
+    status_file = run_dir / "status.json"
+    assert _wait_for(lambda: '"starting"' in status_file.read_text(), proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    assert json.loads(status_file.read_text())["state"] == "preempted"
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_resume_refuses_data_prepared_differently(prepared, corpus, tmp_path):
+    """Same tokenizer, another seq_len: a resume names what differs; allow_data_change overrides."""
+    from data_prep.prep import PrepSettings, prepare
+
+    data, _ = prepared
+    other = tmp_path / "other"
+    prepare(PrepSettings(inputs=[str(corpus)], out=str(other), seq_len=32, tokenizer=str(Path(data) / "tokenizer.model"),
+                         val_fraction=0.05, samples_per_shard=16, workers=1), progress=False)
+    run_dir = tmp_path / "run"
+    assert run(data, run_dir, steps=2, eval_every=0) == 0
+    done = _cli_train(other, run_dir, steps=4, eval_every=0)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("h3pretrain train: error: data.path") and "seq_len 64 -> 32" in line
+    assert "Traceback" not in done.stderr and sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == \
+        ["step-00000002"]
+    assert run(other, run_dir, steps=4, eval_every=0, allow_data_change="true") == 0
+    assert max(losses(run_dir)) == 4
 
 
 def test_weight_decay_groups():

@@ -36,12 +36,22 @@ class Manifest:
         root = Path(root)
         path = root / "manifest.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{root} has no manifest.json: run `h3pretrain prep` first "
-                                    "(or it was interrupted; re-run it with the same arguments)")
-        data = json.loads(path.read_text())
-        if data.get("format") != SUPPORTED_FORMAT:
-            raise ShardError(f"{path}: unsupported format {data.get('format')!r}")
+            raise InputFileError(f"{root} has no manifest.json: run `h3pretrain prep` first "
+                                 "(or it was interrupted; re-run it with the same arguments)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ShardError(f"{path} is damaged: {err}") from None
+        if not isinstance(data, dict) or data.get("format") != SUPPORTED_FORMAT:
+            raise ShardError(f"{path}: unsupported format "
+                             f"{data.get('format') if isinstance(data, dict) else type(data).__name__!r}")
         return cls(root, data)
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must find unchanged: the sample length, the tokenizer and every shard."""
+        return {"seq_len": self.data["seq_len"], "tokenizer_sha256": self.tokenizer_sha256,
+                "shards": {split: [[s["name"], s["sha256"]] for s in info["shards"]]
+                           for split, info in sorted(self.data["splits"].items())}}
 
     @property
     def sample_tokens(self) -> int:
@@ -57,7 +67,7 @@ class Manifest:
 
     def shards(self, split: str) -> list[dict]:
         if split not in self.data["splits"]:
-            raise KeyError(f"no split {split!r} in {self.root}")
+            raise ShardError(f"no split {split!r} in {self.root} (it has {', '.join(sorted(self.data['splits']))})")
         return self.data["splits"][split]["shards"]
 
 

@@ -202,12 +202,19 @@ def status(run_dir: Path) -> dict:
                       "failures": _read_int(run_dir / "slurm" / f"failures-{ids[-1]}"),
                       "log": str(run_dir / "slurm" / f"job-{ids[-1]}.log")}
     status_file = run_dir / "status.json"
-    out["trainer"] = json.loads(status_file.read_text()) if status_file.is_file() else None
+    try:
+        out["trainer"] = json.loads(status_file.read_text(encoding="utf-8")) if status_file.is_file() else None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        out["trainer"] = {"state": f"unreadable status.json ({err})"}
     last = _last_train_record(run_dir / "metrics.jsonl")
     out["last_step"] = last["step"] if last else None
     out["last_loss"] = last["loss"] if last else None
     latest = run_dir / "checkpoints" / "latest"
-    out["latest_checkpoint"] = str(run_dir / "checkpoints" / latest.read_text().strip()) if latest.is_file() else None
+    try:
+        name = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
+    except UnicodeDecodeError:
+        name = None
+    out["latest_checkpoint"] = str(run_dir / "checkpoints" / name) if name else None
     return out
 
 

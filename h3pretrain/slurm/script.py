@@ -237,6 +237,10 @@ if [ "$rc" -eq 0 ] || [ "$state" = finished ]; then
     log "training finished (exit $rc, trainer state ${state:-none})"
     exit 0
 fi
+if [ "$rc" -eq 2 ]; then
+    log "training refused its input (exit 2: the error above names the setting or file): not requeuing"
+    exit "$rc"
+fi
 if [ "$stop_signal" = TERM ]; then
     log "step exited $rc after SIGTERM (scancel, time limit or SLURM preemption): not requeuing here"
     exit "$rc"

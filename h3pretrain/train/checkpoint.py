@@ -135,9 +135,12 @@ class CheckpointManager:
             manifest = {"step": step, "files": {str(p.relative_to(tmp)): {
                 "bytes": p.stat().st_size, **({"sha256": _sha256(p)} if self.hash_files else {})} for p in files}}
             _write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-            if final.exists():  # a re-save of the same step (after a resume)
-                shutil.rmtree(final)
+            old = self.root / (name + ".replaced")
+            if final.exists():  # a re-save of the same step: the old copy goes only once the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
             _write_text_atomic(self.root / "latest", name + "\n")
             self._prune(final)
         _barrier()

@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError, save_yaml, to_dict
+from ..errors import UserError
 from ..data import Manifest, TokenBatches
 from ..parallel.engine import ParallelModel
 from ..quiet import silence_third_party_noise
 from ..parallel.pipeline import describe as describe_partition
 from .checkpoint import CheckpointManager
 from .kernel_choice import choose_flashconv
-from .metrics import Tracker, memory_gb, peak_tflops, train_flops_per_token
+from .metrics import Tracker, memory_gb, peak_tflops, train_flops_per_token, trim_metrics
 from .signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 
 log = logging.getLogger("h3pretrain.train")
@@ -122,55 +123,157 @@ def _check_data(cfg: Config, manifest: Manifest) -> None:
                               f"{cfg.data.path} was prepared with (sha256 {manifest.tokenizer_sha256[:12]}...)")
 
 
-def train(cfg: Config) -> int:
+def _data_changes(recorded: dict, now: dict) -> list[str]:
+    changes = [f"{key} {recorded.get(key)} -> {now[key]}" for key in ("seq_len", "tokenizer_sha256")
+               if recorded.get(key) != now[key]]
+    for split in sorted(set(recorded.get("shards", {})) | set(now["shards"])):
+        old, new = recorded.get("shards", {}).get(split, []), now["shards"].get(split, [])
+        if old != new:
+            changed = sum(a != b for a, b in zip(old, new)) + abs(len(old) - len(new))
+            changes.append(f"{split} shards: {len(old)} -> {len(new)}, {changed} differ")
+    return changes
+
+
+class _StartGuard:
+    """Rank 0's status.json says `starting` while the slow start-up runs; if the start is refused
+    (a UserError) the run directory is left as it was found."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.run_dir, self.rank = run_dir, rank
+        self.status = run_dir / "status.json"
+        self.created_dir = not run_dir.exists()
+        self.previous = self.status.read_bytes() if self.status.is_file() else None
+        self.last: dict = {}
+        self.running = False  # set once the first step is under way: from then on a failure is recorded
+
+    def failed(self, err: BaseException) -> None:
+        if self.last:
+            self.write({**self.last, "state": "failed", "error": f"{type(err).__name__}: {err}"[:500],
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+    def write(self, status: dict) -> None:
+        self.last = status
+        if status["state"] == "running":
+            self.running = True
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.run_dir / "status.json.tmp"
+            tmp.write_text(json.dumps(status, indent=1) + "\n")
+            os.replace(tmp, self.status)
+
+    def undo(self) -> None:
+        if self.rank != 0:
+            return
+        if self.previous is not None:
+            self.status.write_bytes(self.previous)
+        else:
+            self.status.unlink(missing_ok=True)
+            if self.created_dir and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()
+
+
+def train(cfg: Config, stop: StopRequest | None = None) -> int:
+    """Trains (or resumes) one run. `stop` is installed by the caller as early as it can be (the CLI
+    does so before importing torch), so a preemption during start-up is honoured too."""
+    stop = stop or StopRequest().install()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg.train.validate()
-    rank, world, device = init_distributed()
     tc = cfg.train
     run_dir = Path(tc.run_dir)
     manifest = Manifest.load(cfg.data.path)
     _check_data(cfg, manifest)
+    if tc.resume not in ("auto", "none") and not Path(tc.resume).is_dir():
+        raise ConfigError(f"train.resume={tc.resume}: no such checkpoint directory")
+    guard = _StartGuard(run_dir, int(os.environ.get("RANK", 0)))
+    started = {"state": "starting", "step": None, "steps": tc.steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if stop.requested:
+        guard.write({**started, "state": "preempted", "signal": stop.signal_name})
+        return EXIT_PREEMPTED
+    guard.write(started)
+    try:
+        return _run(cfg, manifest, stop, guard)
+    except UserError as err:
+        if not guard.running:
+            guard.undo()
+            raise
+        guard.failed(err)
+        raise
+    except BaseException as err:
+        guard.failed(err)
+        raise
+
+
+def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard) -> int:
+    tc = cfg.train
+    run_dir = Path(tc.run_dir)
+    rank, world, device = init_distributed()
     seq_len = manifest.data["seq_len"]
 
+    def starting_stop() -> None:
+        if _any(stop.requested, device):
+            raise Stopped("stop requested during start-up")
+
     torch.manual_seed(tc.seed)
-    pm = ParallelModel(cfg, device, seq_len)
-    lay = pm.layout
-    if rank == 0:
-        log.info("layout %s; pipeline partition:\n%s", lay.describe(), describe_partition(cfg.model, pm.chunks))
-    kernels = choose_flashconv(cfg, device, seq_len // lay.cp, lay.tp, lay.cp)
-    if rank == 0:
-        log.info("FlashConv: %s (%s) | torch.compile: %s | recompute: %s", kernels["implementation"],
-                 kernels["reason"], "on" if pm.compiled else "off", tc.recompute)
-
-    loader = TokenBatches(cfg.data.path, global_batch=tc.global_batch, dp_rank=lay.dp_rank, dp_size=lay.dp,
-                          seed=cfg.data.seed)
-    ckpt = CheckpointManager(run_dir / "checkpoints", tc.keep_last, tc.hash_checkpoints)
-    step, tokens = 0, 0
-    resume_from = None
-    if tc.resume == "auto":
-        resume_from = ckpt.find_resumable()
-    elif tc.resume != "none":
-        resume_from = Path(tc.resume)
-        problem = ckpt.verify(resume_from) if resume_from.is_dir() else "no such checkpoint directory"
-        if problem:
-            raise ConfigError(f"train.resume={resume_from}: {problem}")
-    if resume_from is not None:
-        state = ckpt.read_state(resume_from)
-        pm.load(resume_from, state["step"])
-        ckpt.restore_rng(resume_from, same_layout=state.get("layout") == lay.shape())
-        loader.load_state_dict(state["data"])
-        step, tokens = state["step"], state["tokens"]
+    try:
+        starting_stop()
+        pm = ParallelModel(cfg, device, seq_len)
+        lay = pm.layout
         if rank == 0:
-            was = state.get("layout")
-            log.info("resumed from %s at step %d (%s tokens)%s", resume_from, step, f"{tokens:,}",
-                     "" if was == lay.shape() else f", resharded from layout {was}")
+            log.info("layout %s; pipeline partition:\n%s", lay.describe(), describe_partition(cfg.model, pm.chunks))
+        kernels = choose_flashconv(cfg, device, seq_len // lay.cp, lay.tp, lay.cp)
+        if rank == 0:
+            log.info("FlashConv: %s (%s) | torch.compile: %s | recompute: %s", kernels["implementation"],
+                     kernels["reason"], "on" if pm.compiled else "off", tc.recompute)
+        starting_stop()
+        loader = TokenBatches(cfg.data.path, global_batch=tc.global_batch, dp_rank=lay.dp_rank, dp_size=lay.dp,
+                              seed=cfg.data.seed)
+        ckpt = CheckpointManager(run_dir / "checkpoints", tc.keep_last, tc.hash_checkpoints)
+        step, tokens, last_eval = 0, 0, 0
+        resume_from = None
+        if tc.resume == "auto":
+            resume_from = ckpt.find_resumable()
+        elif tc.resume != "none":
+            resume_from = Path(tc.resume)
+            problem = ckpt.verify(resume_from)
+            if problem:
+                raise ConfigError(f"train.resume={resume_from}: {problem}")
+        if resume_from is not None:
+            state = ckpt.read_state(resume_from)
+            recorded = state.get("data_manifest")
+            changes = _data_changes(recorded, manifest.fingerprint()) if recorded else []
+            if changes and not tc.allow_data_change:
+                raise ConfigError(f"data.path {cfg.data.path} differs from the data {resume_from} was trained on "
+                                  f"({'; '.join(changes[:4])}); use the run's data, or set "
+                                  "train.allow_data_change=true to continue on this data")
+            if changes and rank == 0:
+                log.warning("continuing on changed data (train.allow_data_change): %s", "; ".join(changes))
+            pm.load(resume_from, state["step"])
+            ckpt.restore_rng(resume_from, same_layout=state.get("layout") == lay.shape())
+            loader.load_state_dict(state["data"])
+            step, tokens = state["step"], state["tokens"]
+            last_eval = state.get("last_eval_step", step)
+            if rank == 0:
+                was = state.get("layout")
+                log.info("resumed from %s at step %d (%s tokens)%s", resume_from, step, f"{tokens:,}",
+                         "" if was == lay.shape() else f", resharded from layout {was}")
+        starting_stop()
+    except Stopped as why:
+        if rank == 0:
+            log.warning("%s (%s): exiting with %d before the first step", why, stop.signal_name, EXIT_PREEMPTED)
+        guard.write({"state": "preempted", "step": None, "steps": tc.steps, "signal": stop.signal_name,
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        return EXIT_PREEMPTED
 
+    eval_due = bool(tc.eval_every) and step > 0 and step % tc.eval_every == 0 and last_eval < step
     if rank == 0:  # only once the config has been accepted: a rejected one never replaces the run's
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
         if resume_from is not None and tc.resume != "auto":
             ckpt.set_aside_newer(resume_from)
-    stop = StopRequest().install()
+        moved = trim_metrics(run_dir, step, eval_due)
+        if moved:
+            log.info("metrics.jsonl: %d records after step %d (from the continuation that was lost) moved to "
+                     "metrics.superseded.jsonl", moved, step)
     tracker = Tracker(cfg, run_dir, tc.steps) if rank == 0 else None
     if tracker:
         tracker.log_params({"flashconv.implementation": kernels["implementation"],
@@ -182,6 +285,7 @@ def train(cfg: Config) -> int:
         log.info("model %s parameters | %d ranks (%s) | ZeRO-%d | %s | global batch %d x %d tokens, micro %d | %s",
                  f"{n_params:,}", world, lay.describe(), tc.zero_stage, pm.optimizer_name, tc.global_batch,
                  seq_len, tc.micro_batch, tc.precision)
+    data_fingerprint = manifest.fingerprint()
 
     def evaluate() -> dict[str, float]:
         val = TokenBatches(cfg.data.path, split=cfg.data.eval_split, global_batch=tc.micro_batch * lay.dp,
@@ -196,27 +300,35 @@ def train(cfg: Config) -> int:
         loss = total / tc.eval_batches  # eval_loss is already the mean over all ranks
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
+    def run_eval() -> None:
+        nonlocal last_eval
+        ev = evaluate()
+        last_eval = step
+        if rank == 0:
+            tracker.log(step, ev, kind="eval")
+            print(f"eval step {step} | loss {ev['loss']:.4f} | ppl {ev['perplexity']:.2f}", flush=True)
+
     def save(reason: str) -> Path:
         state = {"step": step, "tokens": tokens, "data": {**loader.state_dict(), "position": step * tc.global_batch},
-                 "world_size": world, "layout": lay.shape(), "reason": reason, "config": to_dict(cfg)}
+                 "world_size": world, "layout": lay.shape(), "reason": reason, "config": to_dict(cfg),
+                 "last_eval_step": last_eval, "data_manifest": data_fingerprint}
         path = ckpt.save(pm.save, step, state)
         if rank == 0:
+            tracker.commit()
             log.info("saved checkpoint %s (%s)", path, reason)
         return path
 
     def write_status(state: str, extra: dict | None = None) -> None:
-        if rank == 0:
-            status = {"state": state, "step": step, "steps": tc.steps, "tokens": tokens,
-                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "flashconv": kernels["implementation"],
-                      "compiled": pm.compiled, **(extra or {})}
-            tmp = run_dir / "status.json.tmp"
-            tmp.write_text(json.dumps(status, indent=1) + "\n")
-            os.replace(tmp, run_dir / "status.json")
+        guard.write({"state": state, "step": step, "steps": tc.steps, "tokens": tokens,
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "flashconv": kernels["implementation"],
+                     "compiled": pm.compiled, **(extra or {})})
 
     if step >= tc.steps:
         if rank == 0:
             log.info("run already finished (step %d of %d)", step, tc.steps)
         write_status("finished")
+        if tracker:
+            tracker.close("FINISHED")
         return EXIT_FINISHED
 
     pm.train(True)
@@ -224,6 +336,8 @@ def train(cfg: Config) -> int:
     last_saved, last_loss = step, float("nan")
     write_status("running")
     try:
+        if eval_due:  # the evaluation of the resumed step was cut short by the stop that saved it
+            run_eval()
         while step < tc.steps:
             t0 = time.time()
             batch = prefetch.get()
@@ -243,10 +357,7 @@ def train(cfg: Config) -> int:
             if _any(stop.requested, device):
                 raise Stopped("stop requested")
             if tc.eval_every and step % tc.eval_every == 0:
-                ev = evaluate()
-                if rank == 0:
-                    tracker.log(step, ev, kind="eval")
-                    print(f"eval step {step} | loss {ev['loss']:.4f} | ppl {ev['perplexity']:.2f}", flush=True)
+                run_eval()
             if tc.ckpt_every and step % tc.ckpt_every == 0:
                 save("periodic")
                 last_saved = step
@@ -254,7 +365,7 @@ def train(cfg: Config) -> int:
         prefetch.close()
         if rank == 0:
             log.warning("%s (%s): saving step %d and exiting with %d", why, stop.signal_name, step, EXIT_PREEMPTED)
-        if last_saved != step:
+        if last_saved != step:  # (a checkpoint of this step whose evaluation was cut records so: it is redone)
             save(f"signal {stop.signal_name}")
         write_status("preempted", {"signal": stop.signal_name, "loss": last_loss})
         if tracker:

@@ -78,14 +78,50 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def trim_metrics(run_dir: Path, step: int, eval_redone: bool) -> int:
+    """Before a resume at `step`: records of later steps (and the evaluation at `step` when it is
+    redone) belong to the continuation that was lost; they move to metrics.superseded.jsonl so
+    metrics.jsonl holds each step once. A torn last line (a kill mid-write) moves with them.
+    Returns the number of records moved."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+            later = record["step"] > step or (eval_redone and record["step"] == step and record["kind"] == "eval")
+        except (ValueError, KeyError, TypeError):
+            later = True
+        (moved if later else keep).append(line if line.endswith(b"\n") else line + b"\n")
+    if moved:
+        with open(run_dir / "metrics.superseded.jsonl", "ab") as f:
+            f.write(b"".join(moved))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(b"".join(keep))
+        os.replace(tmp, path)
+    return len(moved)
+
+
 class Tracker:
-    """Rank 0 only: mlflow (params once, metrics per logged step), metrics.jsonl, progress line."""
+    """Rank 0 only: metrics.jsonl and the progress line at once; mlflow (params once, metrics per
+    logged step) when the checkpoint that covers the step is written (`commit`), so that the
+    steps a resume redoes are never recorded twice there."""
 
     def __init__(self, cfg: Config, run_dir: Path, total_steps: int):
         self.run_dir, self.total_steps = run_dir, total_steps
         self.jsonl = open(run_dir / "metrics.jsonl", "a")
         self.t_start = time.time()
         self.client = self.run_id = None
+        self.pending: list = []
+        # The last step of each kind mlflow holds. A resume from a checkpoint older than that (the
+        # newer one was damaged) redoes steps mlflow already has: they are not sent again.
+        self.sent_file = run_dir / "mlflow_logged_through.json"
+        try:
+            self.sent = json.loads(self.sent_file.read_text())
+        except (OSError, ValueError):
+            self.sent = {}
+        self.batch_max: dict[str, int] = {}
         if cfg.train.mlflow:
             self._start_mlflow(cfg)
 
@@ -130,10 +166,23 @@ class Tracker:
         if self.client is not None:
             from mlflow.entities import Metric
 
+            if step <= self.sent.get(kind, 0):
+                return
             now = int(time.time() * 1000)
             prefix = "" if kind == "train" else f"{kind}/"
-            self.client.log_batch(self.run_id, metrics=[Metric(prefix + k, float(v), now, step)
-                                                         for k, v in metrics.items() if v == v])
+            self.pending += [Metric(prefix + k, float(v), now, step) for k, v in metrics.items() if v == v]
+            self.batch_max[kind] = step
+
+    def commit(self) -> None:
+        """A checkpoint covers everything logged so far: hand it to mlflow."""
+        if self.client is not None and self.pending:
+            for i in range(0, len(self.pending), 900):
+                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 900])
+            self.sent.update(self.batch_max)
+            tmp = self.sent_file.with_name(self.sent_file.name + ".tmp")
+            tmp.write_text(json.dumps(self.sent) + "\n")
+            os.replace(tmp, self.sent_file)
+        self.pending, self.batch_max = [], {}
 
     def progress(self, step: int, m: dict[str, float]) -> None:
         elapsed = time.time() - self.t_start
@@ -147,5 +196,6 @@ class Tracker:
 
     def close(self, status: str) -> None:
         self.jsonl.close()
+        self.pending, self.batch_max = [], {}  # not covered by a checkpoint: a resume redoes these steps
         if self.client is not None:
             self.client.set_terminated(self.run_id, status=status)
