@@ -250,7 +250,7 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
         given_sha = sha256_file(settings.tokenizer)
     fingerprint = _fingerprint(settings, files, given_sha)
     recorded = out / "prep.json"
-    created = False
+    created = created_dir = False
     if recorded.exists():
         try:
             previous = json.loads(recorded.read_text(encoding="utf-8"))
@@ -263,6 +263,7 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
     else:
         if out.is_dir() and (any(out.glob("*.tar")) or (out / "manifest.json").exists()):
             raise PrepError(f"{out} holds shards from an unknown preparation; use an empty directory")
+        created_dir = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         _write_json(recorded, fingerprint)
         created = True
@@ -293,6 +294,8 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
         except TokenizerTrainingError as err:
             if created:  # nothing else was written: leave the directory as if this run never happened
                 recorded.unlink()
+                if created_dir and not any(out.iterdir()):
+                    out.rmdir()
             if sample.count == 0:
                 raise PrepError(f"no valid document in {', '.join(settings.inputs)} to train the tokenizer on") from None
             raise PrepError(f"--vocab-size {settings.vocab_size}: {err}") from None

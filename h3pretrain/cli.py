@@ -9,21 +9,38 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import EXIT_USAGE, InputFileError, UserError
+
+
+def _output_dir(path: str, flag: str, reusable) -> Path:
+    """An output directory that may be written: new, empty, or `reusable(path)` (an earlier output
+    of the same command, which is replaced)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputFileError(f"{flag} {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not reusable(out):
+        raise InputFileError(f"{flag} {out}: the directory holds other files; give a new or empty directory")
+    return out
+
 
 def _import_h3(args: argparse.Namespace) -> int:
     import torch
 
     from .config import apply_overrides, preset
-    from .export.official import load_file
+    from .export.official import CheckpointMismatchError, load_file
     from .model import HybridLM
-    from .model_io import save_model_dir
+    from .model_io import is_model_dir, save_model_dir
 
+    _output_dir(args.out, "--out", is_model_dir)
     cfg = apply_overrides(preset(args.preset), [f"{kv}" for kv in args.set])
     print(f"reading {args.checkpoint}", flush=True)
     state = load_file(args.checkpoint)
     with torch.device("meta"):
         model = HybridLM(cfg)
-    model.load_official_state_dict(state)
+    try:
+        model.load_official_state_dict(state)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{args.checkpoint} (preset {args.preset}): {err}") from None
     out = save_model_dir(model, args.out)
     print(f"imported {model.num_parameters():,} parameters ({args.preset}) -> {out}")
     return 0
@@ -71,17 +88,21 @@ def _train(args: argparse.Namespace) -> int:
     from .train.loop import train
 
     cfg = load_yaml(args.config, args.set) if args.config else apply_overrides(Config(), args.set)
-    code = train(cfg, stop)  # an exception propagates as usual (a failure)
+    _leave(train(cfg, stop))  # an unexpected exception propagates as usual (a failure)
+
+
+def _leave(code: int) -> None:
+    """Everything is written (checkpoint, status.json, mlflow closed). Interpreter shutdown still
+    aborted finished runs now and then (SIGABRT, "terminate called without an active exception":
+    a C++ thread of gloo or an extension destroyed while joinable), which a launcher or the SLURM
+    job reads as a crash. Leave without running finalizers."""
     import logging
 
-    import torch.distributed as dist
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    # Everything is written (checkpoint, status.json, mlflow closed). Interpreter shutdown still
-    # aborted finished runs now and then (SIGABRT, "terminate called without an active exception":
-    # a C++ thread of gloo or an extension destroyed while joinable), which a launcher or the SLURM
-    # job reads as a crash. Leave without running finalizers.
+        if dist.is_initialized():
+            dist.destroy_process_group()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -140,13 +161,27 @@ def _plan(args: argparse.Namespace) -> int:
 def _device(name: str):
     import torch
 
-    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _export_hf(args: argparse.Namespace) -> int:
     from .export.consolidate import find_tokenizer, load_model_source
     from .export.hf import export_hf
 
+    _output_dir(args.out, "--out", lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file())
     cfg, state = load_model_source(args.checkpoint)
     tokenizer = find_tokenizer(cfg, args.tokenizer)
     if tokenizer is None:
@@ -165,7 +200,7 @@ def _spm_for(cfg, override: str | None):
 
     path = find_tokenizer(cfg, override)
     if path is None:
-        raise FileNotFoundError(f"no tokenizer: {cfg.data.path}/manifest.json does not exist; pass --tokenizer")
+        raise InputFileError(f"no tokenizer: {cfg.data.path}/manifest.json does not exist; pass --tokenizer")
     sp = load_tokenizer(path)
     check_tokenizer_vocab(cfg.model, sp.get_piece_size(), str(path))
     return sp
@@ -179,13 +214,21 @@ def _generate(args: argparse.Namespace) -> int:
     from .export.consolidate import load_model
     from .generate import TextStream, generate
 
+    for flag, ok in (("--max-new-tokens", args.max_new_tokens >= 1), ("--temperature", args.temperature >= 0),
+                     ("--top-k", args.top_k >= 0), ("--top-p", 0 < args.top_p <= 1)):
+        if not ok:
+            rule = {"--max-new-tokens": ">= 1", "--temperature": ">= 0 (0 = greedy)", "--top-k": ">= 0 (0 = all)",
+                    "--top-p": "in (0, 1]"}[flag]
+            raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {rule}")
     device = _device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UserError(f"--cuda-graph needs a CUDA device, not --device {args.device}")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise UserError("--prompt is empty")
     cfg, model = load_model(args.checkpoint, device)
     sp = _spm_for(cfg, args.tokenizer)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     ids = sp.encode(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(prompt)
     stream = TextStream(sp.decode, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -206,12 +249,20 @@ def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_shards
     from .export.consolidate import check_tokenizer_vocab, load_model
 
-    cfg, model = load_model(args.checkpoint, _device(args.device))
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.batches < 0:
+        raise UserError(f"--batches {args.batches}: must be >= 0 (0 = the whole split)")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
+        raise UserError(f"--json {args.json}: cannot be written (a directory, or its directory does not exist)")
+    device = _device(args.device)
     data = Manifest.load(args.data)
+    data.shards(args.split)  # names the splits there are
+    cfg, model = load_model(args.checkpoint, device)
     check_tokenizer_vocab(cfg.model, data.vocab_size, f"{args.data}'s tokenizer")
     own = Manifest.load(cfg.data.path) if (Path(cfg.data.path) / "manifest.json").is_file() else None
     if own is not None and own.tokenizer_sha256 != data.tokenizer_sha256:
-        raise ValueError(f"{args.data} was tokenized with another tokenizer than the model's data ({cfg.data.path})")
+        raise InputFileError(f"{args.data} was tokenized with another tokenizer than the model's data ({cfg.data.path})")
     result = evaluate_shards(model, args.data, split=args.split, batch_size=args.batch_size,
                              max_batches=args.batches, bf16=args.bf16)
     print(f"{result['split']}: {result['samples']:,} samples, {result['tokens']:,} tokens | loss {result['loss']:.4f} | "
@@ -234,6 +285,7 @@ def _synthetic(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     fields = [f.name for f in dataclasses.fields(SyntheticSettings)]
     s = SyntheticSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    s.validate()
     result = run(s, log=lambda line: print(line, flush=True))
     print(f"{args.task} / {args.mixer}: test accuracy {result['test_accuracy']:.3f} "
           f"({result['parameters']:,} parameters, {result['seconds']:.0f} s)")
@@ -366,9 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"h3pretrain {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except UserError as err:  # expected: one line naming the setting or file; anything else is a bug
+        command = args.command + (f" {args.slurm_command}" if args.command == "slurm" else "")
+        message = " ".join(str(err).split())  # one line, whatever the message was built from
+        print(f"h3pretrain {command}: error: {message}", file=sys.stderr, flush=True)
+        if args.command == "train":  # leave as a finished run does (see _train)
+            _leave(EXIT_USAGE)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

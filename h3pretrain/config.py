@@ -250,6 +250,29 @@ class SyntheticSettings:
     def num_epochs(self) -> int:
         return self.epochs or SYNTHETIC_SHAPE[self.task][2]
 
+    def validate(self) -> None:
+        """One line naming each bad setting (as the CLI flag)."""
+        errors = []
+        if self.task not in SYNTHETIC_SHAPE:
+            errors.append(f"--task must be one of {', '.join(SYNTHETIC_SHAPE)}, not {self.task!r}")
+        for name in ("n_train", "n_test", "d_model", "n_layer", "batch_size", "attn_num_heads"):
+            if getattr(self, name) < 1:
+                errors.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        for name in ("vocab_size", "seq_len", "epochs"):
+            if getattr(self, name) < 0:
+                errors.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0 (0: the paper's)")
+        if not self.lr > 0:
+            errors.append(f"--lr {self.lr}: must be > 0")
+        for name in ("dropout", "warmup_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                errors.append(f"--{name.replace('_', '-')} {getattr(self, name)}: must be in [0, 1)")
+        if self.weight_decay < 0:
+            errors.append(f"--weight-decay {self.weight_decay}: must be >= 0")
+        if self.loss not in ("all", "answer"):
+            errors.append(f"--loss must be all or answer, not {self.loss!r}")
+        if errors:
+            raise ConfigError("; ".join(errors))
+
 
 @dataclass
 class Config:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, from_dict, to_dict
+from .errors import InputFileError
 from .export.official import check_state_dict
 from .model import HybridLM
 
@@ -38,7 +39,7 @@ def read_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tupl
     path = Path(path)
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a model directory: {name} is missing")
+            raise InputFileError(f"{path} is not a model directory: {name} is missing")
     cfg = from_dict(ModelConfig, json.loads((path / CONFIG).read_text())["model"], "config.json:model")
     return cfg, load_file(str(path / WEIGHTS), device=str(device))
 

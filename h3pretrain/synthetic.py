@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import SYNTHETIC_TASKS as TASKS, SyntheticSettings
+from .config import SYNTHETIC_TASKS as TASKS, ConfigError, SyntheticSettings
 
 TRIGGER = 0  # induction's trigger, associative recall's separator
 SSM_MAX_LR = 1e-3  # the reference caps the SSM parameters' learning rate
@@ -33,7 +33,7 @@ SSM_MAX_LR = 1e-3  # the reference caps the SSM parameters' learning rate
 
 def induction_examples(n: int, vocab: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     if vocab < 3 or length < 4:
-        raise ValueError("induction needs vocab_size >= 3 and seq_len >= 4")
+        raise ConfigError(f"induction needs vocab_size >= 3 and seq_len >= 4, not {vocab} and {length}")
     x = rng.integers(1, vocab, size=(n, length))  # never the trigger
     pos = rng.integers(0, length - 3, size=n)  # the trigger, then the token to recall, before the end
     rows = np.arange(n)
@@ -44,7 +44,8 @@ def induction_examples(n: int, vocab: int, length: int, rng: np.random.Generator
 
 def assoc_recall_examples(n: int, vocab: int, length: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     if vocab < 5 or length < 4 or length % 2:
-        raise ValueError("assoc_recall needs vocab_size >= 5 and an even seq_len >= 4 (pairs, separator, query)")
+        raise ConfigError(f"assoc_recall needs vocab_size >= 5 and an even seq_len >= 4 (pairs, separator, query), "
+                          f"not {vocab} and {length}")
     n_keys = (vocab - 1) // 2
     pairs = (length - 2) // 2
     table = rng.integers(1 + n_keys, 1 + 2 * n_keys, size=(n, n_keys))  # each example's key -> value map
@@ -60,7 +61,7 @@ def assoc_recall_examples(n: int, vocab: int, length: int, rng: np.random.Genera
 def make_dataset(s: SyntheticSettings) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Distinct training examples, and test examples none of which occurs in training."""
     if s.task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, not {s.task!r}")
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, not {s.task!r}")
     vocab, length = s.shape()
     make = induction_examples if s.task == "induction" else assoc_recall_examples
     rng = np.random.default_rng(s.seed)
@@ -79,7 +80,7 @@ def make_dataset(s: SyntheticSettings) -> dict[str, tuple[torch.Tensor, torch.Te
                     xs.append(row)
                     ys.append(target)
         if len(xs) < count:
-            raise ValueError(f"cannot draw {count} distinct {s.task} examples with vocab {vocab}, length {length}")
+            raise ConfigError(f"cannot draw {count} distinct {s.task} examples with vocab {vocab}, length {length}")
         splits[name] = (torch.from_numpy(np.stack(xs[:count])), torch.from_numpy(np.array(ys[:count])))
     return splits
 
@@ -138,7 +139,7 @@ def _schedule(s: SyntheticSettings, total: int) -> Callable[[int], float]:
 def run(s: SyntheticSettings, log: Callable[[str], None] = print) -> dict:
     """Train from scratch and return the test accuracy (and how it got there)."""
     if s.loss not in ("all", "answer"):
-        raise ValueError(f"loss must be 'all' or 'answer', not {s.loss!r}")
+        raise ConfigError(f"loss must be 'all' or 'answer', not {s.loss!r}")
     data = make_dataset(s)
     vocab, length = s.shape()
     torch.manual_seed(s.seed)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ModelConfig, from_dict
+from ..errors import InputFileError
 
 STEP_PREFIX = "step-"
 
@@ -29,9 +30,9 @@ def resolve_step_dir(path: str | Path) -> Path:
         if pointer.is_file():
             step = root / pointer.read_text().strip()
             if not step.is_dir():
-                raise FileNotFoundError(f"{pointer} names {step.name}, which does not exist")
+                raise InputFileError(f"{pointer} names {step.name}, which does not exist")
             return step
-    raise FileNotFoundError(f"{path} is not a checkpoint: expected a run directory, its checkpoints/ "
+    raise InputFileError(f"{path} is not a checkpoint: expected a run directory, its checkpoints/ "
                             f"directory (with a `latest` file) or a {STEP_PREFIX}NNNNNNNN directory")
 
 
@@ -40,7 +41,7 @@ def _check_complete(step: Path) -> None:
 
     problem = verify_checkpoint(step)
     if problem:
-        raise ValueError(f"{step} is incomplete or damaged: {problem}")
+        raise InputFileError(f"{step} is incomplete or damaged: {problem}")
 
 
 def load_checkpoint_model(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -78,24 +79,33 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 def find_tokenizer(cfg: Config, override: str | Path | None = None) -> Path | None:
     """The run's SentencePiece model: `override`, else the one in the prepared data directory
     (checked against its manifest's sha256). None when neither exists."""
-    from data_prep.tokenizer import sha256_file
+    from data_prep.tokenizer import load_tokenizer, sha256_file
 
+    manifest = Path(cfg.data.path) / "manifest.json"
+    info = None
+    if manifest.is_file():
+        try:
+            info = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+            raise InputFileError(f"{manifest} is damaged ({err})") from None
     if override:
         path = Path(override)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer model not found: {path}")
+            raise InputFileError(f"--tokenizer {path}: tokenizer model not found")
+        load_tokenizer(path)  # refuses a file that is not a SentencePiece model
+        if info is not None and sha256_file(path) != info["sha256"]:
+            raise InputFileError(f"--tokenizer {path} is not the tokenizer the model was trained with (the one of "
+                                 f"{manifest.parent}, sha256 {info['sha256'][:12]}...): omit --tokenizer to use it")
         return path
-    manifest = Path(cfg.data.path) / "manifest.json"
-    if not manifest.is_file():
+    if info is None:
         return None
-    info = json.loads(manifest.read_text())["tokenizer"]
     path = manifest.parent / info["file"]
     if not path.is_file() or sha256_file(path) != info["sha256"]:
-        raise ValueError(f"{path} is missing or differs from the one {manifest} was prepared with")
+        raise InputFileError(f"{path} is missing or differs from the one {manifest} was prepared with")
     return path
 
 
 def check_tokenizer_vocab(model: ModelConfig, vocab_size: int, what: str) -> None:
     if vocab_size != model.vocab_size:
-        raise ValueError(f"{what} has {vocab_size} tokens but the model was trained with vocab_size "
+        raise InputFileError(f"{what} has {vocab_size} tokens but the model was trained with vocab_size "
                          f"{model.vocab_size}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..errors import InputFileError
 from .official import to_official
 
 BOS_ID, EOS_ID = 1, 2  # data_prep.tokenizer's ids
@@ -81,11 +82,11 @@ def hf_tokenizer(spm_model: str | Path):
 def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], out: str | Path,
               tokenizer: str | Path | None = None) -> Path:
     out = Path(out)
+    tok = hf_tokenizer(tokenizer) if tokenizer is not None else None
+    if tok is not None and len(tok) != cfg.vocab_size:
+        raise InputFileError(f"{tokenizer} has {len(tok)} tokens, the model {cfg.vocab_size}")
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        tok = hf_tokenizer(tokenizer)
-        if len(tok) != cfg.vocab_size:
-            raise ValueError(f"{tokenizer} has {len(tok)} tokens, the model {cfg.vocab_size}")
+    if tok is not None:
         tok.save_pretrained(out)
     hf_model(cfg, state).save_pretrained(out)
     return out

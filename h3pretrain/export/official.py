@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from ..errors import UserError
+from ..errors import InputFileError, UserError
 
 _RENAMES = ((".mixer.ssm_k_kernel.kernel.", ".mixer.shift_kernel."), (".mixer.kernel.kernel.", ".mixer.diag_kernel."))
 EMBEDDING_KEY = "backbone.embeddings.word_embeddings.weight"
@@ -75,7 +75,8 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str = 
     problems = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
         if items:
-            problems.append(f"{len(items)} {title} key(s):\n    " + "\n    ".join(items))
+            more = f"\n    ... and {len(items) - 8} more" if len(items) > 8 else ""
+            problems.append(f"{len(items)} {title} key(s):\n    " + "\n    ".join(items[:8]) + more)
     if problems:
         raise CheckpointMismatchError(f"{what} does not fit the model\n  " + "\n  ".join(problems))
 
@@ -93,11 +94,15 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a released `.pt`/`.ckpt` (never executes code: weights_only) or a `.safetensors` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
+        raise InputFileError(f"no checkpoint file at {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
 
-        return load_safetensors(str(path))
+        try:
+            return load_safetensors(str(path))
+        except SafetensorError as err:
+            raise CheckpointMismatchError(f"{path} is not a safetensors file ({err})") from None
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..model import HybridLM
 from ..model.layers import LayerFactory
 from ..model.regional import apply_compile, apply_recompute, compile_wanted
 from ..train.optim import build_optimizer, deepspeed_config
 from . import canonical
-from .layout import DeepSpeedMPU, Layout, initialize, zero_group
+from .layout import DeepSpeedMPU, Layout, check_model, initialize, zero_group
 from .pipeline import StageModule, partition, run_schedule, schedule_config, tie_embedding_grads
 
 log = logging.getLogger("h3pretrain.parallel")
@@ -39,9 +39,9 @@ class ParallelModel:
         self.cfg, self.device = cfg, device
         tc, par = cfg.train, cfg.parallel
         if tc.zero_stage not in (1, 2, 3):
-            raise ValueError(f"train.zero_stage must be 1, 2 or 3, not {tc.zero_stage}")
+            raise ConfigError(f"train.zero_stage must be 1, 2 or 3, not {tc.zero_stage}")
         if par.pp > 1 and tc.zero_stage != 1:
-            raise ValueError(f"parallel.pp = {par.pp} needs train.zero_stage = 1 (DeepSpeed forbids ZeRO-2/3 "
+            raise ConfigError(f"parallel.pp = {par.pp} needs train.zero_stage = 1 (DeepSpeed forbids ZeRO-2/3 "
                              "with pipelining)")
         self.layout: Layout = initialize(par)
         from megatron.core import parallel_state as ps
@@ -49,8 +49,7 @@ class ParallelModel:
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.zero_group = zero_group()
         lay = self.layout
-        if seq_len % lay.cp:
-            raise ValueError(f"sequence length {seq_len} is not divisible by parallel.cp = {lay.cp}")
+        check_model(cfg.model, par, seq_len)
         self.chunks = partition(cfg.model, lay.pp, lay.virtual_pp, seq_len)
         mine = [c for c in self.chunks if c.stage == lay.pp_rank]
         last = len(self.chunks) - 1
@@ -95,8 +94,8 @@ class ParallelModel:
 
         local_batch = tc.global_batch // lay.dp if tc.global_batch % lay.dp == 0 else None
         if local_batch is None or local_batch % tc.micro_batch:
-            raise ValueError(f"train.global_batch {tc.global_batch} must split into {lay.dp} data-parallel ranks x "
-                             f"micro_batch {tc.micro_batch} x an integer number of micro-batches")
+            raise ConfigError(f"train.global_batch {tc.global_batch} must split into {lay.dp} data-parallel ranks x "
+                              f"micro_batch {tc.micro_batch} x an integer number of micro-batches")
         self.local_batch = local_batch
         if lay.pp == 1:
             self.module: nn.Module = self.models[0]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..config import ParallelConfig
+from ..config import ConfigError, ModelConfig, ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -48,15 +48,37 @@ def check(par: ParallelConfig, world: int) -> int:
     """Validates the layout against the world size; returns the data-parallel size."""
     for name in ("tp", "pp", "virtual_pp", "cp"):
         if getattr(par, name) < 1:
-            raise ValueError(f"parallel.{name} must be >= 1")
+            raise ConfigError(f"parallel.{name} must be >= 1, not {getattr(par, name)}")
     model_parallel = par.tp * par.pp * par.cp
     if world % model_parallel:
-        raise ValueError(f"{world} ranks do not split into tp {par.tp} x pp {par.pp} x cp {par.cp} x an integer dp")
+        raise ConfigError(f"parallel.tp {par.tp} x parallel.pp {par.pp} x parallel.cp {par.cp} = {model_parallel} "
+                          f"does not divide the {world} ranks (the rest is data parallel)")
     if par.virtual_pp > 1 and par.pp == 1:
-        raise ValueError("parallel.virtual_pp > 1 needs parallel.pp > 1")
+        raise ConfigError("parallel.virtual_pp > 1 needs parallel.pp > 1")
     if par.sequence_parallel and par.tp == 1:
-        raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+        raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
     return world // model_parallel
+
+
+def check_model(model: ModelConfig, par: ParallelConfig, seq_len: int) -> None:
+    """What the model's shape must allow under the layout: whole heads per tensor-parallel rank,
+    whole sequence pieces per context-parallel rank, a layer or more per pipeline chunk."""
+    errors = []
+    if "attention" in model.layer_kinds() and model.attn_num_heads % par.tp:
+        errors.append(f"model.attn_num_heads {model.attn_num_heads} is not divisible by parallel.tp {par.tp}")
+    if model.mixer != "attention" and model.ssm_num_heads % par.tp:
+        errors.append(f"the {model.ssm_num_heads} SSM heads (model.d_model / model.ssm_head_dim) are not divisible "
+                      f"by parallel.tp {par.tp}")
+    if model.padded_vocab_size % par.tp:
+        errors.append(f"the padded vocabulary {model.padded_vocab_size} is not divisible by parallel.tp {par.tp} "
+                      "(raise model.pad_vocab_multiple)")
+    if seq_len % par.cp:
+        errors.append(f"the sequence length {seq_len} is not divisible by parallel.cp {par.cp}")
+    if model.n_layer < par.pp * par.virtual_pp:
+        errors.append(f"model.n_layer {model.n_layer} is fewer than parallel.pp x parallel.virtual_pp "
+                      f"= {par.pp * par.virtual_pp} pipeline chunks")
+    if errors:
+        raise ConfigError("; ".join(errors))
 
 
 def initialize(par: ParallelConfig) -> Layout:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config, ModelConfig
+from ..config import Config, ConfigError, ModelConfig
 from ..model import HybridLM
 from .pipeline import Chunk, describe, partition
 from .tensor import replicated_under_tp
@@ -71,10 +71,20 @@ def layer_activation_bytes(m: ModelConfig, kind: str, seq_len: int, tp: int, rec
 
 def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[StagePlan], int]:
     """(chunks, per-stage plans, dp size) for `world` GPUs under cfg.parallel."""
-    from .layout import check
+    from .layout import check, check_model
 
     par, m, tc = cfg.parallel, cfg.model, cfg.train
+    if world < 1:
+        raise ConfigError(f"--gpus {world}: must be >= 1")
+    if seq_len < 1:
+        raise ConfigError(f"--seq-len {seq_len}: must be >= 1")
+    m.validate()
+    tc.validate()
     dp = check(par, world)
+    check_model(m, par, seq_len)
+    if tc.global_batch % (dp * tc.micro_batch):
+        raise ConfigError(f"train.global_batch {tc.global_batch} does not split into {dp} data-parallel ranks x "
+                          f"train.micro_batch {tc.micro_batch}")
     chunks = partition(m, par.pp, par.virtual_pp, seq_len)
     last = len(chunks) - 1
     kinds = m.layer_kinds()

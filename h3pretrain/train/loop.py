@@ -134,6 +134,24 @@ def _data_changes(recorded: dict, now: dict) -> list[str]:
     return changes
 
 
+def _check_model_shape(cfg: Config, state: dict, checkpoint: Path) -> None:
+    """The checkpoint's model must have this config's parameter shapes (dropout and the like may change)."""
+    from ..config import ModelConfig, from_dict
+    from ..model import HybridLM
+
+    recorded = state.get("config", {}).get("model")
+    if not isinstance(recorded, dict):
+        return
+    old = from_dict(ModelConfig, recorded, f"{checkpoint}/trainer_state.json:config.model")
+    with torch.device("meta"):
+        shapes = [{k: tuple(v.shape) for k, v in HybridLM(m).state_dict().items()} for m in (old, cfg.model)]
+    if shapes[0] != shapes[1]:
+        now = to_dict(cfg.model)
+        fields = [f"model.{k} {v} (now {now[k]})" for k, v in to_dict(old).items() if now.get(k) != v]
+        raise ConfigError(f"{checkpoint} holds another model shape: {', '.join(fields[:6])}; resume with the run's "
+                          "model settings, or start a new run (another train.run_dir)")
+
+
 class _StartGuard:
     """Rank 0's status.json says `starting` while the slow start-up runs; if the start is refused
     (a UserError) the run directory is left as it was found."""
@@ -247,6 +265,7 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
                                   "train.allow_data_change=true to continue on this data")
             if changes and rank == 0:
                 log.warning("continuing on changed data (train.allow_data_change): %s", "; ".join(changes))
+            _check_model_shape(cfg, state, resume_from)
             pm.load(resume_from, state["step"])
             ckpt.restore_rng(resume_from, same_layout=state.get("layout") == lay.shape())
             loader.load_state_dict(state["data"])

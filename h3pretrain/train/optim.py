@@ -7,7 +7,7 @@ import json
 import torch
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..model.ssm import NO_WEIGHT_DECAY
 
 
@@ -45,7 +45,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opt
 
         return FusedAdam(groups, adam_w_mode=True, **kw), "DeepSpeed FusedAdam"
     if choice not in ("auto", "torch", "apex"):
-        raise ValueError(f"unknown train.optimizer {choice!r} (auto, torch, apex, deepspeed)")
+        raise ConfigError(f"unknown train.optimizer {choice!r} (auto, torch, apex, deepspeed)")
     if cuda:
         return torch.optim.AdamW(groups, fused=True, **kw), "torch AdamW (fused)"
     return torch.optim.AdamW(groups, foreach=True, **kw), "torch AdamW (foreach)"
@@ -58,8 +58,8 @@ def deepspeed_config(cfg: TrainConfig, dp_size: int, micro_batch: int | None = N
     micro = micro_batch or cfg.micro_batch
     local = cfg.global_batch // dp_size
     if cfg.global_batch % dp_size or local % micro:
-        raise ValueError(f"global_batch {cfg.global_batch} must split into {dp_size} ranks x micro_batch "
-                         f"{micro} x an integer number of accumulation steps")
+        raise ConfigError(f"global_batch {cfg.global_batch} must split into {dp_size} ranks x micro_batch "
+                          f"{micro} x an integer number of accumulation steps")
     ds = {
         "train_batch_size": cfg.global_batch * cp,
         "train_micro_batch_size_per_gpu": micro,
