@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, from_dict, to_dict
@@ -40,8 +41,15 @@ def read_model_dir(path: str | Path, device: str | torch.device = "cpu") -> tupl
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
             raise InputFileError(f"{path} is not a model directory: {name} is missing")
-    cfg = from_dict(ModelConfig, json.loads((path / CONFIG).read_text())["model"], "config.json:model")
-    return cfg, load_file(str(path / WEIGHTS), device=str(device))
+    try:
+        recorded = json.loads((path / CONFIG).read_text(encoding="utf-8"))["model"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise InputFileError(f"{path / CONFIG} is not a model config ({type(err).__name__}: {err})") from None
+    cfg = from_dict(ModelConfig, recorded, f"{path / CONFIG}:model")
+    try:
+        return cfg, load_file(str(path / WEIGHTS), device=str(device))
+    except SafetensorError as err:
+        raise InputFileError(f"{path / WEIGHTS} is not a safetensors file ({err})") from None
 
 
 def model_from_state(cfg: ModelConfig, state: dict[str, torch.Tensor], what: str = "checkpoint") -> HybridLM:

@@ -32,9 +32,10 @@ def _env():
     return dict(os.environ, DS_ACCELERATOR="cpu", MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1")
 
 
-def _train_argv(ws: Path, **sets) -> list[str]:
+def _train_argv(ws: Path, config: str = "", **sets) -> list[str]:
     merged = {**TINY, "data.path": str(ws / "data"), "train.run_dir": str(ws / "run"), **sets}
-    return ["train", *[x for k, v in merged.items() for x in ("--set", f"{k}={v}")]]
+    return ["train", *(["--config", config] if config else []),
+            *[x for k, v in merged.items() for x in ("--set", f"{k}={v}")]]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,12 @@ def ws(prepared, tmp_path_factory):
     (ws / "corpus").mkdir()
     (ws / "corpus" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
     (ws / "norun").mkdir()
+    (ws / "pickledir").mkdir()
+    (ws / "pickledir" / "model.safetensors").write_bytes(pickle.dumps({"x": [1, 2, 3]}))
+    (ws / "pickledir" / "config.json").write_text(json.dumps({"model": {"d_model": 32}}))
+    (ws / "badconfigdir").mkdir()
+    shutil.copy(ws / "tiny.safetensors", ws / "badconfigdir" / "model.safetensors")
+    (ws / "badconfigdir" / "config.json").write_bytes(os.urandom(40))
     return ws
 
 
@@ -157,6 +164,9 @@ CASES = [
     ("export-hf --checkpoint {ws}/run --out {ws}/out --tokenizer {ws}/tok300.model", "tok300.model"),
     ("export-hf --checkpoint {ws}/run --out {ws}/out --tokenizer {ws}/tok1000.model", "tok1000.model"),
     ("export-hf --checkpoint {ws}/run --out {ws}/out --tokenizer {ws}/random.model", "random.model"),
+    ("export-hf --checkpoint {ws}/pickledir --out {ws}/out", "pickledir/model.safetensors"),
+    ("export-hf --checkpoint {ws}/badconfigdir --out {ws}/out", "badconfigdir/config.json"),
+    ("generate --checkpoint {ws}/pickledir --prompt hi", "pickledir/model.safetensors"),
     # generate
     ("generate --checkpoint {ws}/run --prompt hi --max-new-tokens -3", "--max-new-tokens -3"),
     ("generate --checkpoint {ws}/run --prompt hi --top-p 0", "--top-p 0"),
@@ -213,6 +223,10 @@ TRAIN_CASES = [
     (dict(**{"model.d_model": 48, "train.steps": 4}), "step-00000002"),  # the run's checkpoint has d_model 32
     (dict(**{"train.resume": "{ws}/flipped/step-00000002", "train.steps": 4}), "sha256"),
     (dict(**{"parallel.tp": 3}), "parallel.tp"),
+    (dict(config="{ws}/syntax.yaml"), "syntax.yaml"),
+    (dict(config="{ws}/list.yaml"), "list.yaml"),
+    (dict(config="{ws}/latin1.yaml"), "latin1.yaml"),
+    (dict(config="{ws}/missing.yaml"), "missing.yaml"),
 ]
 
 

@@ -360,7 +360,7 @@ def test_generate_command_streams_greedy_text(trained, capsys):
         sampled.append(capsys.readouterr().out)
     assert sampled[0] == sampled[1] != sampled[2] and all(s.startswith(prompt) for s in sampled)
     assert main(gen + ["--cuda-graph", "--device", "cpu"]) == 2
-    assert "CUDA graphs need a CUDA model" in capsys.readouterr().err
+    assert "--cuda-graph needs a CUDA device, not --device cpu" in capsys.readouterr().err
 
 
 @pytest.mark.slow

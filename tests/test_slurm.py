@@ -418,19 +418,34 @@ def test_preempted_job_saves_requeues_and_resumes_to_the_same_loss(cluster, prep
 @pytest.mark.slow
 def test_crashing_job_stops_after_the_restart_bound(cluster, prepared, tmp_path):
     data, _ = prepared
+    # a refused input (exit 2) is not retried: it would fail the same way every time
+    refused_dir = tmp_path / "refused"
+    config = _write_config(tmp_path / "refused.yaml", data, refused_dir, optimizer="no-such-optimizer")
+    watch = Watcher(cluster)
+    job = _submit(cluster, config, refused_dir)
+    info = watch.wait([job])[job]
+    log = (refused_dir / "slurm" / f"job-{job}.log").read_text()
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "0", "2:0"), (info, log[-3000:])
+    assert "unknown train.optimizer 'no-such-optimizer'" in log and "training refused its input" in log
+    # a crash (here the trainer's interpreter dies with exit 3 on every attempt) is retried up to the bound
+    crash = tmp_path / "crashing-python"
+    crash.write_text("#!/bin/sh\necho 'simulated crash' >&2\nexit 3\n")
+    crash.chmod(0o755)
     run_dir = tmp_path / "crash"
-    # an unknown optimizer: every attempt fails the same way after start-up (exit 2)
-    config = _write_config(tmp_path / "crash.yaml", data, run_dir, optimizer="no-such-optimizer")
+    config = _write_config(tmp_path / "crash.yaml", data, run_dir)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["slurm"]["setup"] = [f"PYTHON={crash}"]
+    config.write_text(yaml.safe_dump(cfg))
     watch = Watcher(cluster)
     job = _submit(cluster, config, run_dir)
     info = watch.wait([job])[job]
     print("\n".join(watch.timeline))
     log = (run_dir / "slurm" / f"job-{job}.log").read_text()
-    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "1", "2:0"), (info, log[-3000:])
+    assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "1", "3:0"), (info, log[-3000:])
     assert log.count(f"job {job} start ") == 2
-    assert "unknown train.optimizer 'no-such-optimizer'" in log
-    assert "training failed (exit 2): restart 1 of at most 1: requeuing" in log
-    assert "training failed (exit 2), failure 2 of this job: restart bound 1 reached, not requeuing" in log
+    assert "simulated crash" in log
+    assert "training failed (exit 3): restart 1 of at most 1: requeuing" in log
+    assert "training failed (exit 3), failure 2 of this job: restart bound 1 reached, not requeuing" in log
     assert (run_dir / "slurm" / f"failures-{job}").read_text().strip() == "2"
     # a second submission for a run dir with a job still known is refused only while it is active
     resumed = _cli(cluster, "resume", str(run_dir), "--set", "train.optimizer=torch").stdout
