@@ -27,9 +27,9 @@ def _import_h3(args: argparse.Namespace) -> int:
     import torch
 
     from .config import apply_overrides, preset
-    from .export.official import CheckpointMismatchError, load_file
+    from .model.released import CheckpointMismatchError, load_file
     from .model import HybridLM
-    from .model_io import is_model_dir, save_model_dir
+    from .checkpoint import is_model_dir, save_model_dir
 
     _output_dir(args.out, "--out", is_model_dir)
     cfg = apply_overrides(preset(args.preset), [f"{kv}" for kv in args.set])
@@ -178,7 +178,8 @@ def _device(name: str):
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from .export.consolidate import find_tokenizer, load_model_source
+    from .checkpoint import load_model_source
+    from .data.tokenizer import find_tokenizer
     from .export.hf import export_hf
 
     _output_dir(args.out, "--out", lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file())
@@ -196,7 +197,7 @@ def _export_hf(args: argparse.Namespace) -> int:
 def _spm_for(cfg, override: str | None):
     from data_prep.tokenizer import load_tokenizer
 
-    from .export.consolidate import check_tokenizer_vocab, find_tokenizer
+    from .data.tokenizer import check_tokenizer_vocab, find_tokenizer
 
     path = find_tokenizer(cfg, override)
     if path is None:
@@ -211,7 +212,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .export.consolidate import load_model
+    from .checkpoint import load_model
     from .generate import TextStream, generate
 
     for flag, ok in (("--max-new-tokens", args.max_new_tokens >= 1), ("--temperature", args.temperature >= 0),
@@ -247,7 +248,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .data import Manifest
     from .evaluate import evaluate_shards
-    from .export.consolidate import check_tokenizer_vocab, load_model
+    from .checkpoint import load_model
+    from .data.tokenizer import check_tokenizer_vocab
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be >= 1")

@@ -22,7 +22,7 @@ def main() -> None:
     tp, pp, vpp, cp, head_dim, zero, layers = (int(args[k]) for k in ("tp", "pp", "virtual_pp", "cp", "head_dim",
                                                                        "zero", "layers"))
     from h3pretrain.config import Config, ModelConfig, ParallelConfig, TrainConfig
-    from h3pretrain.parallel.engine import ParallelModel
+    from h3pretrain.train.engine import TrainingEngine
     from h3pretrain.train.loop import init_distributed
 
     rank, world, device = init_distributed()
@@ -35,33 +35,33 @@ def main() -> None:
     cfg = Config(model=model, train=train, parallel=ParallelConfig(tp=tp, pp=pp, virtual_pp=vpp, cp=cp,
                                                                     sequence_parallel=args["sp"] == "1"))
     seq = 16
-    pm = ParallelModel(cfg, device, seq)
-    lay = pm.layout
+    engine = TrainingEngine(cfg, device, seq)
+    layout = engine.layout
     gen = torch.Generator().manual_seed(7)
     batches = [torch.randint(0, model.vocab_size, (train.global_batch, seq + 1), generator=gen) for _ in range(6)]
     first, steps = 0, int(args["steps"])
     if mode == "load":
         first = 3
-        pm.load(ckpt, step=first)
-    writer = lay.tp_rank == 0 and lay.dp_rank == 0 and lay.cp_rank == 0
+        engine.load(ckpt, step=first)
+    writer = layout.tp_rank == 0 and layout.dp_rank == 0 and layout.cp_rank == 0
     losses, norms = [], []
     for step in range(first, steps):
-        local = batches[step].chunk(lay.dp)[lay.dp_rank]
+        local = batches[step].chunk(layout.dp)[layout.dp_rank]
 
         def dump(step=step):
-            grads = {k: v for k, v in pm.collect(optimizer_state=False, grads=True).items() if k.endswith("::grad")}
+            grads = {k: v for k, v in engine.collect(optimizer_state=False, grads=True).items() if k.endswith("::grad")}
             if writer:
-                torch.save(grads, out / f"grads-stage{lay.pp_rank}-step{step}.pt")
+                torch.save(grads, out / f"grads-stage{layout.pp_rank}-step{step}.pt")
 
-        losses.append(pm.train_step(local, before_step=dump))
-        norms.append(pm.grad_norm())
-    weights = pm.collect(optimizer_state=True)
+        losses.append(engine.train_step(local, before_step=dump))
+        norms.append(engine.grad_norm())
+    weights = engine.collect(optimizer_state=True)
     if writer:
-        torch.save(weights, out / f"final-stage{lay.pp_rank}.pt")
+        torch.save(weights, out / f"final-stage{layout.pp_rank}.pt")
     if mode == "save":
         ckpt.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
-        pm.save(ckpt)
+        engine.save(ckpt)
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "grad_norms.json").write_text(json.dumps(norms))

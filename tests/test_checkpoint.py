@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from h3pretrain.train.checkpoint import CheckpointManager
+from h3pretrain.checkpoint import CheckpointManager
 
 
 def write(directory):
@@ -59,7 +59,7 @@ def test_readers_refuse_a_byte_flipped_checkpoint(tmp_path):
 
     from conftest import tiny_config
     from h3pretrain.config import Config, to_dict
-    from h3pretrain.export.consolidate import load_checkpoint_model
+    from h3pretrain.checkpoint import load_checkpoint_model
     from h3pretrain.model import HybridLM
 
     model = HybridLM(tiny_config())

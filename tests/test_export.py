@@ -15,11 +15,11 @@ import torch
 
 from conftest import tiny_config
 from h3pretrain.cli import main
-from h3pretrain.export.consolidate import load_checkpoint_model, load_model_source
+from h3pretrain.checkpoint import load_checkpoint_model, load_model_source
 from h3pretrain.export.hf import export_hf
 from h3pretrain.generate import generate
 from h3pretrain.model import HybridLM
-from h3pretrain.model_io import load_model_dir, model_from_state
+from h3pretrain.checkpoint import load_model_dir, model_from_state
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,9 +6,9 @@ import torch
 
 from conftest import tiny_config
 from h3pretrain.cli import main
-from h3pretrain.export.official import CheckpointMismatchError
+from h3pretrain.model.released import CheckpointMismatchError
 from h3pretrain.model import HybridLM
-from h3pretrain.model_io import load_model_dir
+from h3pretrain.checkpoint import load_model_dir
 
 OFFICIAL_H3_KEYS = [
     "backbone.layers.0.mixer.q_proj.weight", "backbone.layers.0.mixer.output_linear.bias",

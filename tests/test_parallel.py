@@ -121,7 +121,7 @@ def test_checkpoint_reshards_across_layouts(one_process, tmp_path, first, second
 def test_partition_balances_cost_and_keeps_order():
     from h3pretrain.config import preset
     from h3pretrain.parallel.pipeline import partition
-    from h3pretrain.train.metrics import layer_train_flops, train_flops_per_token
+    from h3pretrain.model.flops import layer_train_flops, train_flops_per_token
 
     cfg = preset("1.3b")
     kinds = cfg.layer_kinds()

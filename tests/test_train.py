@@ -192,7 +192,7 @@ def test_stop_request_ends_a_wait_for_data():
 
 def test_flop_model():
     from h3pretrain.config import preset
-    from h3pretrain.train.metrics import train_flops_per_token
+    from h3pretrain.model.flops import train_flops_per_token
 
     cfg = preset("125m")
     cfg.mixer = "attention"

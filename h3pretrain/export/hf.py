@@ -15,7 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import InputFileError
-from .official import to_official
+from ..model.released import to_official
 
 BOS_ID, EOS_ID = 1, 2  # data_prep.tokenizer's ids
 

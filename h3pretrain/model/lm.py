@@ -168,11 +168,11 @@ class HybridLM(nn.Module):
 
     # Released-checkpoint names (h3pretrain.export.official does the work).
     def official_state_dict(self) -> dict[str, torch.Tensor]:
-        from ..export.official import to_official
+        from .released import to_official
 
         return to_official(self.state_dict())
 
     def load_official_state_dict(self, state_dict: dict) -> None:
-        from ..export.official import load_official
+        from .released import load_official
 
         load_official(self, state_dict)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import HybridLM
-from ..train.metrics import head_train_flops, layer_train_flops
+from ..model.flops import head_train_flops, layer_train_flops
 
 
 @dataclass(frozen=True)

@@ -73,55 +73,55 @@ def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[Stage
     """(chunks, per-stage plans, dp size) for `world` GPUs under cfg.parallel."""
     from .layout import check, check_model
 
-    par, m, tc = cfg.parallel, cfg.model, cfg.train
+    parallel_cfg, m, train_cfg = cfg.parallel, cfg.model, cfg.train
     if world < 1:
         raise ConfigError(f"--gpus {world}: must be >= 1")
     if seq_len < 1:
         raise ConfigError(f"--seq-len {seq_len}: must be >= 1")
     m.validate()
-    tc.validate()
-    dp = check(par, world)
-    check_model(m, par, seq_len)
-    if tc.global_batch % (dp * tc.micro_batch):
-        raise ConfigError(f"train.global_batch {tc.global_batch} does not split into {dp} data-parallel ranks x "
-                          f"train.micro_batch {tc.micro_batch}")
-    chunks = partition(m, par.pp, par.virtual_pp, seq_len)
+    train_cfg.validate()
+    dp = check(parallel_cfg, world)
+    check_model(m, parallel_cfg, seq_len)
+    if train_cfg.global_batch % (dp * train_cfg.micro_batch):
+        raise ConfigError(f"train.global_batch {train_cfg.global_batch} does not split into {dp} data-parallel ranks x "
+                          f"train.micro_batch {train_cfg.micro_batch}")
+    chunks = partition(m, parallel_cfg.pp, parallel_cfg.virtual_pp, seq_len)
     last = len(chunks) - 1
     kinds = m.layer_kinds()
-    micro_batches = tc.global_batch // dp // tc.micro_batch
+    micro_batches = train_cfg.global_batch // dp // train_cfg.micro_batch
     plans = []
-    for stage in range(par.pp):
-        mine = [c for c in chunks if c.stage == stage]
+    for stage in range(parallel_cfg.pp):
+        local_chunks = [c for c in chunks if c.stage == stage]
         params = sharded = 0
-        for c in mine:
+        for c in local_chunks:
             with torch.device("meta"):
                 model = HybridLM(m, layer_ids=list(c.layers), pre_process=c.index == 0, post_process=c.index == last)
             for name, p in model.named_parameters():  # incl. the last stage's tied-embedding copy
                 params += p.numel()
                 if not replicated_under_tp(name):
                     sharded += p.numel()
-        local = sharded // par.tp + (params - sharded)
-        state = local * 8 + local * 12 / (dp * par.cp)  # ZeRO partitions over DP x CP
-        in_flight = min(par.pp - stage, micro_batches) if par.pp > 1 else 1
-        tokens = tc.micro_batch * seq_len // par.cp  # this rank's piece of each sequence
+        local = sharded // parallel_cfg.tp + (params - sharded)
+        state = local * 8 + local * 12 / (dp * parallel_cfg.cp)  # ZeRO partitions over DP x CP
+        in_flight = min(parallel_cfg.pp - stage, micro_batches) if parallel_cfg.pp > 1 else 1
+        tokens = train_cfg.micro_batch * seq_len // parallel_cfg.cp  # this rank's piece of each sequence
         act = 0.0
-        layer_kinds = [kinds[i] for c in mine for i in c.layers]
+        layer_kinds = [kinds[i] for c in local_chunks for i in c.layers]
         for kind in layer_kinds:
-            act += layer_activation_bytes(m, kind, seq_len, par.tp, tc.recompute) * tokens
-        if tc.recompute != "none" and layer_kinds:  # one layer's recomputation, live during its backward
-            act += max(layer_activation_bytes(m, k, seq_len, par.tp, "none") for k in layer_kinds) * tokens
-        for c in mine:
+            act += layer_activation_bytes(m, kind, seq_len, parallel_cfg.tp, train_cfg.recompute) * tokens
+        if train_cfg.recompute != "none" and layer_kinds:  # one layer's recomputation, live during its backward
+            act += max(layer_activation_bytes(m, k, seq_len, parallel_cfg.tp, "none") for k in layer_kinds) * tokens
+        for c in local_chunks:
             if c.index == last:
-                act += 8 * tokens * m.padded_vocab_size / par.tp
+                act += 8 * tokens * m.padded_vocab_size / parallel_cfg.tp
         plans.append(StagePlan(stage, params, local, state, act * in_flight))
     return chunks, plans, dp
 
 
 def report(cfg: Config, world: int, seq_len: int) -> str:
     chunks, plans, dp = plan(cfg, world, seq_len)
-    par = cfg.parallel
-    lines = [f"layout TP{par.tp}·PP{par.pp}" + (f"(x{par.virtual_pp} virtual)" if par.virtual_pp > 1 else "") +
-             (f"·CP{par.cp}" if par.cp > 1 else "") + f"·DP{dp} on {world} GPUs, micro-batch {cfg.train.micro_batch} x {seq_len} tokens, "
+    parallel_cfg = cfg.parallel
+    lines = [f"layout TP{parallel_cfg.tp}·PP{parallel_cfg.pp}" + (f"(x{parallel_cfg.virtual_pp} virtual)" if parallel_cfg.virtual_pp > 1 else "") +
+             (f"·CP{parallel_cfg.cp}" if parallel_cfg.cp > 1 else "") + f"·DP{dp} on {world} GPUs, micro-batch {cfg.train.micro_batch} x {seq_len} tokens, "
              f"global batch {cfg.train.global_batch}",
              "pipeline partition (training FLOPs per token):", describe(cfg.model, chunks),
              "memory per GPU (estimate; see h3pretrain/parallel/plan.py):"]

@@ -13,7 +13,7 @@ row-parallel biases then see only their rank's tokens: their gradients are summe
 (`sum_sequence_parallel_grads`).
 
 Every sharded parameter carries megatron's attributes (`tensor_model_parallel`, `partition_dim`);
-ours add `tp_fused` (blocks sharded separately, Wqkv = 3). h3pretrain.parallel.canonical uses them to
+ours add `tp_fused` (blocks sharded separately, Wqkv = 3). h3pretrain.checkpoint.canonical uses them to
 gather full tensors and to cut any rank's shard out of a full tensor.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class MegatronLayerFactory(LayerFactory):
         self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.sequence_parallel = sequence_parallel
-        # CPU initialisation: deterministic and GPU-free; h3pretrain.parallel.canonical then loads
+        # CPU initialisation: deterministic and GPU-free; h3pretrain.checkpoint.canonical then loads
         # the layout-independent initial weights anyway.
         self.config = ModelParallelConfig(tensor_model_parallel_size=self.tp_size, use_cpu_initialization=True,
                                           params_dtype=params_dtype, perform_initialization=False,

@@ -162,7 +162,7 @@ def resume_plan(run_dir: Path, overrides: list[str] = ()) -> JobPlan:
     if Path(cfg.train.run_dir).resolve() != Path(run_dir).resolve():
         raise ConfigError(f"{config} names train.run_dir {cfg.train.run_dir}, not {run_dir}")
     # Another number of nodes or another TP x PP layout is fine: checkpoints hold full tensors and
-    # reshard on load (h3pretrain.parallel.canonical).
+    # reshard on load (h3pretrain.checkpoint.canonical).
     return plan(cfg, str(config))
 
 

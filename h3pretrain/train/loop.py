@@ -24,12 +24,13 @@ import torch.distributed as dist
 from ..config import Config, ConfigError, save_yaml, to_dict
 from ..errors import UserError
 from ..data import Manifest, TokenBatches
-from ..parallel.engine import ParallelModel
+from .engine import TrainingEngine
 from ..quiet import silence_third_party_noise
 from ..parallel.pipeline import describe as describe_partition
-from .checkpoint import CheckpointManager
+from ..checkpoint import CheckpointManager
 from .kernel_choice import choose_flashconv
-from .metrics import Tracker, memory_gb, peak_tflops, train_flops_per_token, trim_metrics
+from ..model.flops import train_flops_per_token
+from .metrics import Tracker, memory_gb, peak_tflops, trim_metrics
 from .signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 
 log = logging.getLogger("h3pretrain.train")
@@ -62,7 +63,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _any(flag: bool, device) -> bool:
+def any_rank(flag: bool, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -196,14 +197,14 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     stop = stop or StopRequest().install()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg.train.validate()
-    tc = cfg.train
-    run_dir = Path(tc.run_dir)
+    train_cfg = cfg.train
+    run_dir = Path(train_cfg.run_dir)
     manifest = Manifest.load(cfg.data.path)
     _check_data(cfg, manifest)
-    if tc.resume not in ("auto", "none") and not Path(tc.resume).is_dir():
-        raise ConfigError(f"train.resume={tc.resume}: no such checkpoint directory")
+    if train_cfg.resume not in ("auto", "none") and not Path(train_cfg.resume).is_dir():
+        raise ConfigError(f"train.resume={train_cfg.resume}: no such checkpoint directory")
     guard = _StartGuard(run_dir, int(os.environ.get("RANK", 0)))
-    started = {"state": "starting", "step": None, "steps": tc.steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    started = {"state": "starting", "step": None, "steps": train_cfg.steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if stop.requested:
         guard.write({**started, "state": "preempted", "signal": stop.signal_name})
         return EXIT_PREEMPTED
@@ -222,36 +223,36 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
 
 
 def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard) -> int:
-    tc = cfg.train
-    run_dir = Path(tc.run_dir)
+    train_cfg = cfg.train
+    run_dir = Path(train_cfg.run_dir)
     rank, world, device = init_distributed()
     seq_len = manifest.data["seq_len"]
 
     def starting_stop() -> None:
-        if _any(stop.requested, device):
+        if any_rank(stop.requested, device):
             raise Stopped("stop requested during start-up")
 
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(train_cfg.seed)
     try:
         starting_stop()
-        pm = ParallelModel(cfg, device, seq_len)
-        lay = pm.layout
+        engine = TrainingEngine(cfg, device, seq_len)
+        layout = engine.layout
         if rank == 0:
-            log.info("layout %s; pipeline partition:\n%s", lay.describe(), describe_partition(cfg.model, pm.chunks))
-        kernels = choose_flashconv(cfg, device, seq_len // lay.cp, lay.tp, lay.cp)
+            log.info("layout %s; pipeline partition:\n%s", layout.describe(), describe_partition(cfg.model, engine.chunks))
+        kernels = choose_flashconv(cfg, device, seq_len // layout.cp, layout.tp, layout.cp)
         if rank == 0:
             log.info("FlashConv: %s (%s) | torch.compile: %s | recompute: %s", kernels["implementation"],
-                     kernels["reason"], "on" if pm.compiled else "off", tc.recompute)
+                     kernels["reason"], "on" if engine.compiled else "off", train_cfg.recompute)
         starting_stop()
-        loader = TokenBatches(cfg.data.path, global_batch=tc.global_batch, dp_rank=lay.dp_rank, dp_size=lay.dp,
+        loader = TokenBatches(cfg.data.path, global_batch=train_cfg.global_batch, dp_rank=layout.dp_rank, dp_size=layout.dp,
                               seed=cfg.data.seed)
-        ckpt = CheckpointManager(run_dir / "checkpoints", tc.keep_last, tc.hash_checkpoints)
+        ckpt = CheckpointManager(run_dir / "checkpoints", train_cfg.keep_last, train_cfg.hash_checkpoints)
         step, tokens, last_eval = 0, 0, 0
         resume_from = None
-        if tc.resume == "auto":
+        if train_cfg.resume == "auto":
             resume_from = ckpt.find_resumable()
-        elif tc.resume != "none":
-            resume_from = Path(tc.resume)
+        elif train_cfg.resume != "none":
+            resume_from = Path(train_cfg.resume)
             problem = ckpt.verify(resume_from)
             if problem:
                 raise ConfigError(f"train.resume={resume_from}: {problem}")
@@ -259,64 +260,64 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
             state = ckpt.read_state(resume_from)
             recorded = state.get("data_manifest")
             changes = _data_changes(recorded, manifest.fingerprint()) if recorded else []
-            if changes and not tc.allow_data_change:
+            if changes and not train_cfg.allow_data_change:
                 raise ConfigError(f"data.path {cfg.data.path} differs from the data {resume_from} was trained on "
                                   f"({'; '.join(changes[:4])}); use the run's data, or set "
                                   "train.allow_data_change=true to continue on this data")
             if changes and rank == 0:
                 log.warning("continuing on changed data (train.allow_data_change): %s", "; ".join(changes))
             _check_model_shape(cfg, state, resume_from)
-            pm.load(resume_from, state["step"])
-            ckpt.restore_rng(resume_from, same_layout=state.get("layout") == lay.shape())
+            engine.load(resume_from, state["step"])
+            ckpt.restore_rng(resume_from, same_layout=state.get("layout") == layout.shape())
             loader.load_state_dict(state["data"])
             step, tokens = state["step"], state["tokens"]
             last_eval = state.get("last_eval_step", step)
             if rank == 0:
                 was = state.get("layout")
                 log.info("resumed from %s at step %d (%s tokens)%s", resume_from, step, f"{tokens:,}",
-                         "" if was == lay.shape() else f", resharded from layout {was}")
+                         "" if was == layout.shape() else f", resharded from layout {was}")
         starting_stop()
     except Stopped as why:
         if rank == 0:
             log.warning("%s (%s): exiting with %d before the first step", why, stop.signal_name, EXIT_PREEMPTED)
-        guard.write({"state": "preempted", "step": None, "steps": tc.steps, "signal": stop.signal_name,
+        guard.write({"state": "preempted", "step": None, "steps": train_cfg.steps, "signal": stop.signal_name,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         return EXIT_PREEMPTED
 
-    eval_due = bool(tc.eval_every) and step > 0 and step % tc.eval_every == 0 and last_eval < step
+    eval_due = bool(train_cfg.eval_every) and step > 0 and step % train_cfg.eval_every == 0 and last_eval < step
     if rank == 0:  # only once the config has been accepted: a rejected one never replaces the run's
         run_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, run_dir / "config.yaml")
-        if resume_from is not None and tc.resume != "auto":
+        if resume_from is not None and train_cfg.resume != "auto":
             ckpt.set_aside_newer(resume_from)
         moved = trim_metrics(run_dir, step, eval_due)
         if moved:
             log.info("metrics.jsonl: %d records after step %d (from the continuation that was lost) moved to "
                      "metrics.superseded.jsonl", moved, step)
-    tracker = Tracker(cfg, run_dir, tc.steps) if rank == 0 else None
+    tracker = Tracker(cfg, run_dir, train_cfg.steps) if rank == 0 else None
     if tracker:
         tracker.log_params({"flashconv.implementation": kernels["implementation"],
-                            "flashconv.reason": kernels["reason"], "train.compiled": str(pm.compiled)})
+                            "flashconv.reason": kernels["reason"], "train.compiled": str(engine.compiled)})
     flops_per_token = train_flops_per_token(cfg.model, seq_len)
-    peak = peak_tflops(tc.peak_tflops) * 1e12 * world
-    n_params = pm.num_parameters()
+    peak = peak_tflops(train_cfg.peak_tflops) * 1e12 * world
+    n_params = engine.num_parameters()
     if rank == 0:
         log.info("model %s parameters | %d ranks (%s) | ZeRO-%d | %s | global batch %d x %d tokens, micro %d | %s",
-                 f"{n_params:,}", world, lay.describe(), tc.zero_stage, pm.optimizer_name, tc.global_batch,
-                 seq_len, tc.micro_batch, tc.precision)
+                 f"{n_params:,}", world, layout.describe(), train_cfg.zero_stage, engine.optimizer_name, train_cfg.global_batch,
+                 seq_len, train_cfg.micro_batch, train_cfg.precision)
     data_fingerprint = manifest.fingerprint()
 
     def evaluate() -> dict[str, float]:
-        val = TokenBatches(cfg.data.path, split=cfg.data.eval_split, global_batch=tc.micro_batch * lay.dp,
-                           dp_rank=lay.dp_rank, dp_size=lay.dp, shuffle=False)
-        pm.train(False)
+        val = TokenBatches(cfg.data.path, split=cfg.data.eval_split, global_batch=train_cfg.micro_batch * layout.dp,
+                           dp_rank=layout.dp_rank, dp_size=layout.dp, shuffle=False)
+        engine.train(False)
         total = 0.0
-        for _ in range(tc.eval_batches):
-            if _any(stop.requested, device):
+        for _ in range(train_cfg.eval_batches):
+            if any_rank(stop.requested, device):
                 raise Stopped("stop requested during evaluation")
-            total += pm.eval_loss(val.next())
-        pm.train(True)
-        loss = total / tc.eval_batches  # eval_loss is already the mean over all ranks
+            total += engine.eval_loss(val.next())
+        engine.train(True)
+        loss = total / train_cfg.eval_batches  # eval_loss is already the mean over all ranks
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def run_eval() -> None:
@@ -328,56 +329,56 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
             print(f"eval step {step} | loss {ev['loss']:.4f} | ppl {ev['perplexity']:.2f}", flush=True)
 
     def save(reason: str) -> Path:
-        state = {"step": step, "tokens": tokens, "data": {**loader.state_dict(), "position": step * tc.global_batch},
-                 "world_size": world, "layout": lay.shape(), "reason": reason, "config": to_dict(cfg),
+        state = {"step": step, "tokens": tokens, "data": {**loader.state_dict(), "position": step * train_cfg.global_batch},
+                 "world_size": world, "layout": layout.shape(), "reason": reason, "config": to_dict(cfg),
                  "last_eval_step": last_eval, "data_manifest": data_fingerprint}
-        path = ckpt.save(pm.save, step, state)
+        path = ckpt.save(engine.save, step, state)
         if rank == 0:
             tracker.commit()
             log.info("saved checkpoint %s (%s)", path, reason)
         return path
 
     def write_status(state: str, extra: dict | None = None) -> None:
-        guard.write({"state": state, "step": step, "steps": tc.steps, "tokens": tokens,
+        guard.write({"state": state, "step": step, "steps": train_cfg.steps, "tokens": tokens,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "flashconv": kernels["implementation"],
-                     "compiled": pm.compiled, **(extra or {})})
+                     "compiled": engine.compiled, **(extra or {})})
 
-    if step >= tc.steps:
+    if step >= train_cfg.steps:
         if rank == 0:
-            log.info("run already finished (step %d of %d)", step, tc.steps)
+            log.info("run already finished (step %d of %d)", step, train_cfg.steps)
         write_status("finished")
         if tracker:
             tracker.close("FINISHED")
         return EXIT_FINISHED
 
-    pm.train(True)
-    prefetch = Prefetcher(loader, step * tc.global_batch, stop)
+    engine.train(True)
+    prefetch = Prefetcher(loader, step * train_cfg.global_batch, stop)
     last_saved, last_loss = step, float("nan")
     write_status("running")
     try:
         if eval_due:  # the evaluation of the resumed step was cut short by the stop that saved it
             run_eval()
-        while step < tc.steps:
+        while step < train_cfg.steps:
             t0 = time.time()
             batch = prefetch.get()
-            lr = pm.lr()  # what this step's optimizer update uses
-            last_loss = pm.train_step(batch)
+            lr = engine.lr()  # what this step's optimizer update uses
+            last_loss = engine.train_step(batch)
             step += 1
-            tokens += tc.global_batch * seq_len
-            grad_norm = pm.grad_norm()
+            tokens += train_cfg.global_batch * seq_len
+            grad_norm = engine.grad_norm()
             elapsed = time.time() - t0
-            if rank == 0 and (step % tc.log_every == 0 or step == tc.steps):
-                tps = tc.global_batch * seq_len / elapsed
+            if rank == 0 and (step % train_cfg.log_every == 0 or step == train_cfg.steps):
+                tps = train_cfg.global_batch * seq_len / elapsed
                 m = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": tps, "mfu": tps * flops_per_token / peak if peak else 0.0,
                      "memory_gb": memory_gb(), "tokens": tokens}
                 tracker.log(step, m)
                 tracker.progress(step, m)
-            if _any(stop.requested, device):
+            if any_rank(stop.requested, device):
                 raise Stopped("stop requested")
-            if tc.eval_every and step % tc.eval_every == 0:
+            if train_cfg.eval_every and step % train_cfg.eval_every == 0:
                 run_eval()
-            if tc.ckpt_every and step % tc.ckpt_every == 0:
+            if train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0:
                 save("periodic")
                 last_saved = step
     except Stopped as why:

@@ -1,8 +1,7 @@
-"""FLOP model for MFU, and the run's outputs: mlflow, a JSONL log, a one-line progress display."""
+"""The run's outputs: mlflow, a JSONL log, a one-line progress display; peak FLOP/s for MFU."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -10,40 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ModelConfig, to_dict
-
-
-def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward = 3x forward), no recomputation.
-
-    - every matmul weight (q/k/v/output_linear, Wqkv/out_proj, fc1/fc2, tied LM head):
-      2 FLOPs per weight per token forward;
-    - attention scores and weighted sum: 2 * 2 * L * d_model per token forward (full L x L,
-      the PaLM convention, not discounted for causality);
-    - H3 long convolutions, FFT size n = 2L: a real FFT of the input and an inverse FFT,
-      2 * 2.5 n log2 n, plus 6 n for the complex product, per channel and sequence, i.e.
-      (5 n log2 n + 6 n) / L per channel and token; the shift SSM convolves d_model channels and
-      the diagonal SSM H * head_dim^2 = d_model * head_dim channels. Kernel generation and
-      elementwise products are ignored (O(d_model) per token).
-    """
-    return sum(layer_train_flops(cfg, kind, seq_len) for kind in cfg.layer_kinds()) + head_train_flops(cfg)
-
-
-def layer_train_flops(cfg: ModelConfig, kind: str, seq_len: int) -> float:
-    """One layer's share of `train_flops_per_token` (also the pipeline partitioner's cost)."""
-    D, L = cfg.d_model, seq_len
-    fwd = 2 * (4 * D * D + 2 * D * cfg.mlp_ratio * D)
-    if kind == "attention":
-        fwd += 4 * L * D
-    else:
-        n = 2 * L
-        fwd += (5 * n * math.log2(n) + 6 * n) / L * (D + D * cfg.ssm_head_dim)
-    return 3 * fwd
-
-
-def head_train_flops(cfg: ModelConfig) -> float:
-    """The tied LM head's matmul."""
-    return 3 * 2 * cfg.padded_vocab_size * cfg.d_model
+from ..config import Config, to_dict
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0}

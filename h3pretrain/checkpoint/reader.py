@@ -4,7 +4,7 @@
 else goes through it (or through `load_model_source`, which also takes `import-h3` model
 directories). A step directory holds the full, unsharded fp32 weights in `model/*.safetensors`
 (one file per pipeline stage, whatever the TP / PP / ZeRO layout that wrote them: see
-h3pretrain.parallel.canonical) and the run's config in `trainer_state.json`. safetensors holds no
+h3pretrain.checkpoint.canonical) and the run's config in `trainer_state.json`. safetensors holds no
 code, so nothing here unpickles anything.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ModelConfig, from_dict
+from ..config import Config, from_dict
 from ..errors import InputFileError
 
 STEP_PREFIX = "step-"
@@ -37,7 +37,7 @@ def resolve_step_dir(path: str | Path) -> Path:
 
 
 def _check_complete(step: Path) -> None:
-    from ..train.checkpoint import verify_checkpoint
+    from .manager import verify_checkpoint
 
     problem = verify_checkpoint(step)
     if problem:
@@ -51,7 +51,7 @@ def load_checkpoint_model(path: str | Path) -> tuple[Config, dict[str, torch.Ten
     _check_complete(step)
     state = json.loads((step / "trainer_state.json").read_text())
     cfg = from_dict(Config, state["config"], f"{step}/trainer_state.json:config")
-    from ..parallel.canonical import SafetensorsReader
+    from .canonical import SafetensorsReader
 
     weights = SafetensorsReader(step / "model")
     return cfg, {k: weights(k).float().contiguous() for k in weights.keys()}
@@ -60,7 +60,7 @@ def load_checkpoint_model(path: str | Path) -> tuple[Config, dict[str, torch.Ten
 def load_model_source(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]]:
     """A training checkpoint (see `load_checkpoint_model`) or an `import-h3` model directory
     (whose Config has only the model section filled in)."""
-    from ..model_io import is_model_dir, read_model_dir
+    from .model_dir import is_model_dir, read_model_dir
 
     if is_model_dir(path):
         model_cfg, state = read_model_dir(path)
@@ -70,42 +70,7 @@ def load_model_source(path: str | Path) -> tuple[Config, dict[str, torch.Tensor]
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(Config, HybridLM in eval mode on `device`) from a checkpoint or model directory."""
-    from ..model_io import model_from_state
+    from .model_dir import model_from_state
 
     cfg, state = load_model_source(path)
     return cfg, model_from_state(cfg.model, state, str(path)).to(device)
-
-
-def find_tokenizer(cfg: Config, override: str | Path | None = None) -> Path | None:
-    """The run's SentencePiece model: `override`, else the one in the prepared data directory
-    (checked against its manifest's sha256). None when neither exists."""
-    from data_prep.tokenizer import load_tokenizer, sha256_file
-
-    manifest = Path(cfg.data.path) / "manifest.json"
-    info = None
-    if manifest.is_file():
-        try:
-            info = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-            raise InputFileError(f"{manifest} is damaged ({err})") from None
-    if override:
-        path = Path(override)
-        if not path.is_file():
-            raise InputFileError(f"--tokenizer {path}: tokenizer model not found")
-        load_tokenizer(path)  # refuses a file that is not a SentencePiece model
-        if info is not None and sha256_file(path) != info["sha256"]:
-            raise InputFileError(f"--tokenizer {path} is not the tokenizer the model was trained with (the one of "
-                                 f"{manifest.parent}, sha256 {info['sha256'][:12]}...): omit --tokenizer to use it")
-        return path
-    if info is None:
-        return None
-    path = manifest.parent / info["file"]
-    if not path.is_file() or sha256_file(path) != info["sha256"]:
-        raise InputFileError(f"{path} is missing or differs from the one {manifest} was prepared with")
-    return path
-
-
-def check_tokenizer_vocab(model: ModelConfig, vocab_size: int, what: str) -> None:
-    if vocab_size != model.vocab_size:
-        raise InputFileError(f"{what} has {vocab_size} tokens but the model was trained with vocab_size "
-                         f"{model.vocab_size}")

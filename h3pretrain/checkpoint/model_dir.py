@@ -12,10 +12,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig, from_dict, to_dict
-from .errors import InputFileError
-from .export.official import check_state_dict
-from .model import HybridLM
+from ..config import ModelConfig, from_dict, to_dict
+from ..errors import InputFileError
+from ..model import HybridLM
+from ..model.released import check_state_dict
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 

@@ -15,7 +15,7 @@
 A directory is complete only if its manifest exists and every file matches it; `find_resumable`
 walks from the newest step down and skips anything torn, with a warning. Pruning keeps the
 `keep_last` newest good checkpoints, and always the one just written.
-The tensors are layout-independent (h3pretrain.parallel.canonical): a checkpoint written under one
+The tensors are layout-independent (h3pretrain.checkpoint.canonical): a checkpoint written under one
 TP x PP x DP layout and ZeRO stage resumes under any other. Every torch.load runs with weights_only=True.
 """
 from __future__ import annotations

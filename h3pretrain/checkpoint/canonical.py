@@ -17,6 +17,35 @@ import torch.distributed as dist
 from torch import nn
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+MODEL_DIR, OPTIM_DIR, SCHEDULER_FILE = "model", "optim", "lr_scheduler.pt"
+
+
+def stage_file(pp_rank: int, pp: int) -> str:
+    return f"stage-{pp_rank:03d}-of-{pp:03d}.safetensors"
+
+
+def write_stage(directory: Path, tensors: dict[str, torch.Tensor], pp_rank: int, pp: int) -> None:
+    """One pipeline stage's full tensors: weights to model/, Adam moments (`name::exp_avg`) to optim/."""
+    from safetensors.torch import save_file
+
+    for sub, keep in ((MODEL_DIR, lambda k: "::" not in k), (OPTIM_DIR, lambda k: "::" in k)):
+        (directory / sub).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items() if keep(k)}, str(directory / sub / stage_file(pp_rank, pp)))
+
+
+def tensor_source(directory: Path):
+    """name -> full tensor, from every stage's files (weights and Adam moments)."""
+    weights = SafetensorsReader(directory / MODEL_DIR)
+    optim = SafetensorsReader(directory / OPTIM_DIR)
+    return lambda name: optim(name) if "::" in name else weights(name)
+
+
+def write_scheduler(directory: Path, state: dict) -> None:
+    torch.save(state, directory / SCHEDULER_FILE)
+
+
+def read_scheduler(directory: Path) -> dict:
+    return torch.load(directory / SCHEDULER_FILE, weights_only=True)
 
 
 def is_tp_sharded(param: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
 from ..errors import InputFileError, UserError
 
 _RENAMES = ((".mixer.ssm_k_kernel.kernel.", ".mixer.shift_kernel."), (".mixer.kernel.kernel.", ".mixer.diag_kernel."))

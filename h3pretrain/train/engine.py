@@ -1,6 +1,6 @@
-"""The model as the training loop sees it, under any TP x PP x DP layout: build (with
-layout-independent initial weights), one optimizer step over a batch, evaluation loss, and
-canonical save/load (h3pretrain.parallel.canonical).
+"""The training engine: this rank's model under any TP x PP x CP x DP layout (built by
+h3pretrain.parallel), the optimizer, the LR schedule, the loss, one optimizer step over a batch,
+the evaluation loss, and save/load of the layout-independent state (h3pretrain.checkpoint.canonical).
 
 - PP = 1: DeepSpeed's engine runs forward, backward and step per micro-batch (ZeRO 1, 2 or 3).
 - PP > 1: megatron-core's schedule runs the micro-batches through the stages (1F1B, interleaved with
@@ -20,70 +20,70 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import canonical
 from ..config import Config, ConfigError
 from ..model import HybridLM
 from ..model.layers import LayerFactory
 from ..model.regional import apply_compile, apply_recompute, compile_wanted
-from ..train.optim import build_optimizer, deepspeed_config
-from . import canonical
-from .layout import DeepSpeedMPU, Layout, check_model, initialize, zero_group
-from .pipeline import StageModule, partition, run_schedule, schedule_config, tie_embedding_grads
+from ..parallel.layout import DeepSpeedMPU, Layout, check_model, initialize, zero_group
+from ..parallel.pipeline import StageModule, partition, run_schedule, schedule_config, tie_embedding_grads
+from .optim import build_optimizer, deepspeed_config
 
-log = logging.getLogger("h3pretrain.parallel")
+log = logging.getLogger("h3pretrain.train")
 
 
-class ParallelModel:
+class TrainingEngine:
     def __init__(self, cfg: Config, device: torch.device, seq_len: int):
         import deepspeed
 
         self.cfg, self.device = cfg, device
-        tc, par = cfg.train, cfg.parallel
-        if tc.zero_stage not in (1, 2, 3):
-            raise ConfigError(f"train.zero_stage must be 1, 2 or 3, not {tc.zero_stage}")
-        if par.pp > 1 and tc.zero_stage != 1:
-            raise ConfigError(f"parallel.pp = {par.pp} needs train.zero_stage = 1 (DeepSpeed forbids ZeRO-2/3 "
+        train_cfg, parallel_cfg = cfg.train, cfg.parallel
+        if train_cfg.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 1, 2 or 3, not {train_cfg.zero_stage}")
+        if parallel_cfg.pp > 1 and train_cfg.zero_stage != 1:
+            raise ConfigError(f"parallel.pp = {parallel_cfg.pp} needs train.zero_stage = 1 (DeepSpeed forbids ZeRO-2/3 "
                              "with pipelining)")
-        self.layout: Layout = initialize(par)
+        self.layout: Layout = initialize(parallel_cfg)
         from megatron.core import parallel_state as ps
 
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.zero_group = zero_group()
-        lay = self.layout
-        check_model(cfg.model, par, seq_len)
-        self.chunks = partition(cfg.model, lay.pp, lay.virtual_pp, seq_len)
-        mine = [c for c in self.chunks if c.stage == lay.pp_rank]
+        layout = self.layout
+        check_model(cfg.model, parallel_cfg, seq_len)
+        self.chunks = partition(cfg.model, layout.pp, layout.virtual_pp, seq_len)
+        local_chunks = [c for c in self.chunks if c.stage == layout.pp_rank]
         last = len(self.chunks) - 1
-        if lay.tp > 1:
-            from .tensor import MegatronLayerFactory, sum_sequence_parallel_grads
+        if layout.tp > 1:
+            from ..parallel.tensor import MegatronLayerFactory, sum_sequence_parallel_grads
 
-            factory: LayerFactory = MegatronLayerFactory(sequence_parallel=par.sequence_parallel)
+            factory: LayerFactory = MegatronLayerFactory(sequence_parallel=parallel_cfg.sequence_parallel)
         else:
             factory = LayerFactory()
         self.context = None
-        if lay.cp > 1:
-            from .context import ContextParallel
+        if layout.cp > 1:
+            from ..parallel.context import ContextParallel
 
             self.context = factory.context = ContextParallel(ps.get_context_parallel_group())
         self.models: list[HybridLM] = []
-        for c in mine:
+        for c in local_chunks:
             kw = dict(layer_ids=list(c.layers), pre_process=c.index == 0, post_process=c.index == last)
-            if lay.tp == 1:  # built directly from the per-part seeds
-                model = HybridLM(cfg.model, factory, init_seed=tc.seed, **kw)
+            if layout.tp == 1:  # built directly from the per-part seeds
+                model = HybridLM(cfg.model, factory, init_seed=train_cfg.seed, **kw)
             else:  # the same full-size weights, then this rank's shards
-                full = HybridLM(cfg.model, LayerFactory(), init_seed=tc.seed, **kw).state_dict()
+                full = HybridLM(cfg.model, LayerFactory(), init_seed=train_cfg.seed, **kw).state_dict()
                 model = HybridLM(cfg.model, factory, **kw)
-                canonical.load([model], full.__getitem__, lay.tp_rank, lay.tp, optimizer_state=False)
+                canonical.load([model], full.__getitem__, layout.tp_rank, layout.tp, optimizer_state=False)
                 del full
-            if par.sequence_parallel:
+            if parallel_cfg.sequence_parallel:
                 sum_sequence_parallel_grads(model)
-            if lay.pp > 1 and not kw["pre_process"] and kw["post_process"]:
+            if layout.pp > 1 and not kw["pre_process"] and kw["post_process"]:
                 model.backbone.embeddings.word_embeddings.weight.ds_pipe_replicated = True
             self.models.append(model.to(device))
         blocks = [block for model in self.models for block in model.backbone.layers.values()]
-        apply_recompute(blocks, tc.recompute)
-        self.compiled = compile_wanted(tc.compile, device)
+        apply_recompute(blocks, train_cfg.recompute)
+        self.compiled = compile_wanted(train_cfg.compile, device)
         if self.compiled:
-            if tc.zero_stage == 3:
+            if train_cfg.zero_stage == 3:
                 # ZeRO-3 then gathers a block's parameters once, in the block's own pre-forward hook
                 # (outside the traced code), instead of per submodule inside the compiled graph.
                 from deepspeed.utils.z3_leaf_module import set_z3_leaf_module
@@ -92,27 +92,27 @@ class ParallelModel:
                     set_z3_leaf_module(block, True)
             apply_compile(blocks)
 
-        local_batch = tc.global_batch // lay.dp if tc.global_batch % lay.dp == 0 else None
-        if local_batch is None or local_batch % tc.micro_batch:
-            raise ConfigError(f"train.global_batch {tc.global_batch} must split into {lay.dp} data-parallel ranks x "
-                              f"micro_batch {tc.micro_batch} x an integer number of micro-batches")
+        local_batch = train_cfg.global_batch // layout.dp if train_cfg.global_batch % layout.dp == 0 else None
+        if local_batch is None or local_batch % train_cfg.micro_batch:
+            raise ConfigError(f"train.global_batch {train_cfg.global_batch} must split into {layout.dp} data-parallel ranks x "
+                              f"micro_batch {train_cfg.micro_batch} x an integer number of micro-batches")
         self.local_batch = local_batch
-        if lay.pp == 1:
+        if layout.pp == 1:
             self.module: nn.Module = self.models[0]
-            ds = deepspeed_config(tc, lay.dp, cp=lay.cp)
+            ds = deepspeed_config(train_cfg, layout.dp, cp=layout.cp)
         else:
-            sched = schedule_config(cfg.model, lay.tp, lay.pp, lay.virtual_pp, par.sequence_parallel,
+            sched = schedule_config(cfg.model, layout.tp, layout.pp, layout.virtual_pp, parallel_cfg.sequence_parallel,
                                     finalize_grads=self._finalize_grads)
-            self.stages = [StageModule(m, sched, last=m.post_process, seq_first=par.sequence_parallel)
+            self.stages = [StageModule(m, sched, last=m.post_process, seq_first=parallel_cfg.sequence_parallel)
                            for m in self.models]
             self.module = nn.ModuleList(self.stages)
             # the schedule does the micro-batching: DeepSpeed sees one "micro-batch" per step
-            ds = deepspeed_config(tc, lay.dp, micro_batch=local_batch, cp=lay.cp)
+            ds = deepspeed_config(train_cfg, layout.dp, micro_batch=local_batch, cp=layout.cp)
             ds["zero_optimization"].setdefault("contiguous_gradients", False)
-        optimizer, self.optimizer_name = build_optimizer(self.module, tc)
+        optimizer, self.optimizer_name = build_optimizer(self.module, train_cfg)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds,
                                                     mpu=DeepSpeedMPU())
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if tc.precision == "bf16" else nullcontext()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if train_cfg.precision == "bf16" else nullcontext()
         # DeepSpeed's WarmupCosineLR starts at iteration -1 (lr 0) and its linear warmup is 0 at
         # iteration 0: two steps without learning. Step k (1-based) uses iteration k: lr * k / warmup.
         self.engine.lr_scheduler.step(1)
@@ -139,10 +139,10 @@ class ParallelModel:
 
     def _mean_over_last_stage(self, value: float) -> float:
         """The loss lives on the last stage (every TP and DP rank of it): its mean, on every rank."""
-        lay = self.layout
-        t = torch.tensor([value if lay.is_last_stage else 0.0], dtype=torch.float64, device=self.device)
+        layout = self.layout
+        t = torch.tensor([value if layout.is_last_stage else 0.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t) / (lay.tp * lay.dp * lay.cp)
+        return float(t) / (layout.tp * layout.dp * layout.cp)
 
     def _local(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the global batch -> what it computes: its piece of every sequence
@@ -197,10 +197,10 @@ class ParallelModel:
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (all stages and shards), counted once."""
-        lay = self.layout
-        local = sum(p.numel() if not canonical.is_tp_sharded(p) else p.numel() * lay.tp
+        layout = self.layout
+        local = sum(p.numel() if not canonical.is_tp_sharded(p) else p.numel() * layout.tp
                     for _, p in canonical.named_params(self.models) if not getattr(p, "ds_pipe_replicated", False))
-        t = torch.tensor([local if lay.speaks_for_stage else 0], dtype=torch.int64, device=self.device)
+        t = torch.tensor([local if layout.speaks_for_stage else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(t)
         return int(t)
 
@@ -213,30 +213,20 @@ class ParallelModel:
     def save(self, directory: Path) -> None:
         """Collective. model/stage-NNN.safetensors and optim/stage-NNN.safetensors, written by the
         first TP, CP and DP rank of each stage, plus the LR scheduler state."""
-        from safetensors.torch import save_file
-
         tensors = self.collect(optimizer_state=True)
-        lay = self.layout
-        if lay.speaks_for_stage:
-            name = f"stage-{lay.pp_rank:03d}-of-{lay.pp:03d}.safetensors"
-            for sub, keep in (("model", lambda k: "::" not in k), ("optim", lambda k: "::" in k)):
-                (directory / sub).mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in tensors.items() if keep(k)}, str(directory / sub / name))
+        layout = self.layout
+        if layout.speaks_for_stage:
+            canonical.write_stage(directory, tensors, layout.pp_rank, layout.pp)
         if dist.get_rank() == 0:
-            torch.save(self.engine.lr_scheduler.state_dict(), directory / "lr_scheduler.pt")
+            canonical.write_scheduler(directory, self.engine.lr_scheduler.state_dict())
 
     def load(self, directory: Path, step: int) -> None:
         """Collective. Restores weights, Adam state and its step count, and the LR schedule."""
-        weights = canonical.SafetensorsReader(directory / "model")
-        optim = canonical.SafetensorsReader(directory / "optim")
-
-        def read(name: str) -> torch.Tensor:
-            return optim(name) if "::" in name else weights(name)
-
-        canonical.load(self.models, read, self.layout.tp_rank, self.layout.tp, zero_dp_group=self.zero_group)
+        canonical.load(self.models, canonical.tensor_source(directory), self.layout.tp_rank, self.layout.tp,
+                       zero_dp_group=self.zero_group)
         _set_adam_step(self._adam, step)
         sched = self.engine.lr_scheduler
-        sched.load_state_dict(torch.load(directory / "lr_scheduler.pt", weights_only=True))
+        sched.load_state_dict(canonical.read_scheduler(directory))
         sched.step(sched.last_batch_iteration)  # load_state_dict leaves the optimizer's lr as it was
         self.engine.global_steps = step
 
