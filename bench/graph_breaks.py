@@ -1,5 +1,5 @@
 """Graph breaks of the regionally compiled blocks under each parallel layout, on CPU/gloo: runs
-tests/parallel_probe.py (3 optimizer steps of a small hybrid) with train.compile on and
+tests/parallel/parallel_probe.py (3 optimizer steps of a small hybrid) with train.compile on and
 TORCH_LOGS=graph_breaks, and lists each distinct break (reason, where) with its count per rank.
 
     python bench/graph_breaks.py            # -> bench/results/graph-breaks-cpu.md
@@ -52,12 +52,12 @@ def main() -> int:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TORCH_LOGS="graph_breaks",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]))
     out = [f"# Graph breaks of the compiled blocks (CPU, gloo), {time.strftime('%Y-%m-%d')}", "",
-           "`python bench/graph_breaks.py`: tests/parallel_probe.py with compile=1, TORCH_LOGS=graph_breaks; "
+           "`python bench/graph_breaks.py`: tests/parallel/parallel_probe.py with compile=1, TORCH_LOGS=graph_breaks; "
            "counts are summed over ranks and over the 3 steps (a break is logged when a graph is traced).", ""]
     for name, (nproc, args) in LAYOUTS.items():
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   str(ROOT / "tests" / "parallel_probe.py"), tmp, "compile=1",
+                   str(ROOT / "tests" / "parallel" / "parallel_probe.py"), tmp, "compile=1",
                    *(f"{k}={v}" for k, v in args.items())]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         found = breaks(done.stdout + done.stderr)

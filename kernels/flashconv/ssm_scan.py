@@ -227,7 +227,7 @@ def num_warps(backward: bool, head_dim: int) -> int:
 
 def _launch(kernel, grid, *args, **consts) -> None:
     """Launch; where Triton's default software pipelining (3 stages) needs more shared memory than
-    the GPU has, launch without it. Compiled for sm_90 (ptxas, tests/test_flashconv_compile.py): the
+    the GPU has, launch without it. Compiled for sm_90 (ptxas, tests/kernels/test_flashconv_compile.py): the
     fp32 head_dim-8 backward needed 248 KB at 3 stages and 4 warps (an H100 block has 227 KB), 104 KB at 1."""
     key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), tuple(sorted(consts.items())),
            str(args[0].device))

@@ -2,7 +2,7 @@
 updates as one process (fp32, relative 1e-5); checkpoints reshard across layouts; the 2.7B preset's
 production layout plans on the meta device.
 
-tests/parallel_probe.py runs a small hybrid model (H3, attention, H3 [, H3]) under torchrun."""
+tests/parallel/parallel_probe.py runs a small hybrid model (H3, attention, H3 [, H3]) under torchrun."""
 import json
 import os
 import subprocess
@@ -175,7 +175,7 @@ def test_launch_configs_production_layouts_plan_on_meta():
 
     for size, params in [("125m", 126_387_456), ("355m", 361_058_304), ("1.3b", 1_326_096_384),
                          ("2.7b", 2_670_307_840)]:
-        cfg = load_yaml(Path(__file__).resolve().parents[1] / "launch" / "configs" / f"{size}.yaml")
+        cfg = load_yaml(Path(__file__).resolve().parents[2] / "launch" / "configs" / f"{size}.yaml")
         gpus = cfg.slurm.nodes * cfg.slurm.gpus_per_node
         chunks, stages, dp = plan(cfg, gpus, 2048)
         tied_copies = (cfg.parallel.pp > 1) * cfg.model.padded_vocab_size * cfg.model.d_model

@@ -4,8 +4,8 @@ Everything lives in one directory: config, state, logs, pid files and munged's s
 daemons listen on free ports, so two instances (or one beside a system SLURM) do not collide.
 Daemons are stopped by the PIDs they wrote, never by name.
 
-    python tests/slurm_local.py up DIR     # start; prints `export SLURM_CONF=...`
-    python tests/slurm_local.py down DIR   # stop
+    python tests/slurm/slurm_local.py up DIR     # start; prints `export SLURM_CONF=...`
+    python tests/slurm/slurm_local.py down DIR   # stop
 """
 from __future__ import annotations
 

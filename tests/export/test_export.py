@@ -21,7 +21,7 @@ from h3pretrain.generate import generate
 from h3pretrain.model import HybridLM
 from h3pretrain.checkpoint import load_model_dir, model_from_state
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _random_model(**overrides) -> HybridLM:

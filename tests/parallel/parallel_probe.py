@@ -1,8 +1,8 @@
-"""Run under torchrun by tests/test_parallel.py: a few optimizer steps of a small hybrid model under
+"""Run under torchrun by tests/parallel/test_parallel.py: a few optimizer steps of a small hybrid model under
 one (TP, PP, CP, DP) layout on fixed random batches. The first TP/DP rank of every stage writes that
 stage's full gradients of each step and its final weights; rank 0 writes the losses.
 
-    torchrun --nproc_per_node=N tests/parallel_probe.py OUT tp=2 pp=1 virtual_pp=1 cp=1 head_dim=1 zero=1 \
+    torchrun --nproc_per_node=N tests/parallel/parallel_probe.py OUT tp=2 pp=1 virtual_pp=1 cp=1 head_dim=1 zero=1 \
         layers=3 compile=0 recompute=none [save=DIR | load=DIR]
 """
 import json

@@ -20,7 +20,7 @@ from h3pretrain.config import DataConfig, TrainConfig, load_yaml
 from h3pretrain.slurm import plan, render
 from slurm_local import LocalSlurm, SlurmUnavailable, ensure_installed
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "launch" / "configs"
 # docs/design.md section 3: lr, global batch (sequences of 2048), ~400B tokens; parameters from the table.
 RECIPE = {"125m": (6e-4, 256, 126_387_456), "355m": (3e-4, 256, 361_058_304),
