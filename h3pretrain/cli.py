@@ -49,9 +49,16 @@ def _import_h3(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import apply_overrides, preset, to_dict
+    from .config import apply_overrides, describe, load_yaml, preset, to_dict
     from .model import HybridLM
 
+    if args.config:  # the whole config with each setting's meaning
+        full = load_yaml(args.config, args.set)
+        full.validate()
+        print("\n".join(describe(full)))
+        with torch.device("meta"):
+            print(f"model parameters: {HybridLM(full.model).num_parameters():,}")
+        return 0
     cfg = apply_overrides(preset(args.preset), args.set)
     with torch.device("meta"):
         model = HybridLM(cfg)
@@ -406,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result (with the per-epoch history) to this file")
     p.set_defaults(func=_synthetic)
 
-    p = sub.add_parser("info", help="print a preset's config, layer pattern and parameter count")
+    p = sub.add_parser("info", help="a preset's shape and parameter count, or a whole config explained (--config)")
     p.add_argument("--preset", default="125m")
+    p.add_argument("--config", help="YAML config: print every setting with its value and meaning")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_info)
     return parser

@@ -12,7 +12,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import UserError
 
@@ -21,8 +21,10 @@ class ConfigError(UserError):
     """A config file or override that does not fit the typed config."""
 
 
-MIXERS = ("h3", "attention", "s4d")
-RECOMPUTE_MODES = ("none", "block", "selective")
+Mixer = Literal["h3", "attention", "s4d"]
+RecomputeMode = Literal["none", "block", "selective"]
+MIXERS = typing.get_args(Mixer)
+RECOMPUTE_MODES = typing.get_args(RecomputeMode)
 
 
 @dataclass
@@ -30,26 +32,42 @@ class ModelConfig:
     """Shape and initialisation of a hybrid H3 + attention language model (docs/design.md sections 1-3)."""
 
     vocab_size: int = 50257
+    """Tokens in the tokenizer (the data's manifest must agree)."""
     pad_vocab_multiple: int = 8
+    """The embedding and head are padded to a multiple of this (GPT-2's 50257 -> 50264)."""
     d_model: int = 768
+    """Width of the residual stream."""
     n_layer: int = 12
+    """Number of blocks (H3 or attention)."""
     attn_layer_idx: list[int] = field(default_factory=lambda: [6])
+    """Indices of the attention layers (0-based); the others are H3 (or S4D) layers."""
     attn_num_heads: int = 12
-    # Rotary embedding on the first `attn_rotary_dim` dims of each attention head (0: none).
+    """Attention heads per attention layer."""
     attn_rotary_dim: int = 0
-    # "h3": H3 layers with attention at attn_layer_idx; "attention": attention in every layer;
-    # "s4d": the diagonal SSM alone (no shift SSM, no gating) with attention at attn_layer_idx.
-    mixer: str = "h3"
+    """Rotary embedding on the first `attn_rotary_dim` dims of each attention head (0: none)."""
+    mixer: Mixer = "h3"
+    """h3: H3 layers with attention at attn_layer_idx; attention: attention in every layer; s4d: the
+    diagonal SSM alone (no shift SSM, no gating) with attention at attn_layer_idx."""
     ssm_d_state: int = 64
+    """State size N of both SSMs (the shift SSM's taps; 2 x the diagonal SSM's complex modes)."""
     ssm_head_dim: int = 1
+    """H3 head dimension: channels per SSM head (1 in every released model)."""
     ssm_dt_min: float = 0.001
+    """Smallest initial step size of the diagonal SSM (log-uniform init)."""
     ssm_dt_max: float = 0.1
+    """Largest initial step size of the diagonal SSM."""
     mlp_ratio: int = 4
+    """MLP hidden width as a multiple of d_model."""
     embed_dropout: float = 0.1
+    """Dropout after the word embedding."""
     resid_dropout: float = 0.0
+    """Dropout on each block's output before the residual add."""
     attn_dropout: float = 0.1
+    """Dropout on the attention probabilities."""
     layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
     initializer_range: float = 0.02
+    """Std of the normal init of Linear and Embedding weights (out_proj and fc2 scaled by 1/sqrt(2 n_layer))."""
 
     @property
     def padded_vocab_size(self) -> int:
@@ -67,9 +85,7 @@ class ModelConfig:
         return ["attention" if i in self.attn_layer_idx else self.mixer for i in range(self.n_layer)]
 
     def validate(self) -> None:
-        errors = []
-        if self.mixer not in MIXERS:
-            errors.append(f"mixer must be one of {', '.join(MIXERS)}, not {self.mixer!r}")
+        errors = [e for e in [_literal_errors(self, "model.")] if e]
         if self.d_model % self.ssm_head_dim:
             errors.append(f"d_model {self.d_model} is not a multiple of ssm_head_dim {self.ssm_head_dim}")
         if self.ssm_d_state % 2:
@@ -111,61 +127,91 @@ def preset(name: str) -> ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/shards"  # a directory written by `h3pretrain prep`
-    seed: int = 1234  # sample order: a fresh permutation per epoch from (seed, epoch)
+    """The prepared data a run trains on (the output of `h3pretrain prep`)."""
+
+    path: str = "data/shards"
+    """A directory written by `h3pretrain prep`."""
+    seed: int = 1234
+    """Sample order: a fresh permutation per epoch from (seed, epoch)."""
     eval_split: str = "val"
-    # SentencePiece model the shards must have been made with (checked by sha256 against the
-    # manifest before training); "" skips the check (the shards' own tokenizer.model is used).
+    """Split of the prepared data used for evaluation during training."""
     tokenizer: str = ""
+    """SentencePiece model the shards must have been made with (checked by sha256 against the
+    manifest before training); "" skips the check (the shards' own tokenizer.model is used)."""
 
 
 @dataclass
 class TrainConfig:
+    """One training run: batch, schedule, optimizer, precision, evaluation, checkpoints, tracking."""
+
     run_dir: str = "checkpoints/run"
+    """The run's directory: checkpoints, config.yaml, status.json, metrics.jsonl, mlflow."""
     steps: int = 1000
-    global_batch: int = 8  # sequences per optimizer step, all data-parallel ranks together
-    micro_batch: int = 4  # sequences per forward/backward on one rank (gradient accumulation fills the rest)
+    """Optimizer steps of the whole run (a resumed run continues to this count)."""
+    global_batch: int = 8
+    """Sequences per optimizer step, all data-parallel ranks together."""
+    micro_batch: int = 4
+    """Sequences per forward/backward on one rank (gradient accumulation fills the rest)."""
     lr: float = 6e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    """Peak learning rate (after warmup)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
     warmup_steps: int = 10
+    """Steps of linear warmup from 0 to lr."""
     weight_decay: float = 0.1
+    """AdamW weight decay (the SSM parameters, norms and biases get none)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
-    precision: str = "bf16"  # "bf16" (autocast; parameters, SSMs and optimizer in fp32) or "fp32"
-    # torch.compile each block (h3pretrain/model/regional.py): true | false | auto (on with CUDA)
-    compile: bool | str = "auto"
-    # activation recompute per block: none | block (keep only each block's input) | selective
-    # (keep matmul, attention, FFT and FlashConv outputs; recompute norms, GELU, dropout, elementwise)
-    recompute: str = "none"
-    zero_stage: int = 1
-    optimizer: str = "auto"  # auto | torch | apex | deepspeed (fused Adam where available)
+    """Clip the global gradient norm to this (0: no clipping)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 (autocast; parameters, SSMs and optimizer in fp32) or fp32."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each block (h3pretrain/model/regional.py): true, false or auto (on with CUDA)."""
+    recompute: RecomputeMode = "none"
+    """Activation recompute per block: none; block (keep only each block's input); selective (keep
+    matmul, attention, FFT and FlashConv outputs; recompute norms, GELU, dropout, elementwise)."""
+    zero_stage: Literal[1, 2, 3] = 1
+    """DeepSpeed ZeRO stage: 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)."""
+    optimizer: Literal["auto", "torch", "apex", "deepspeed"] = "auto"
+    """The Adam implementation: auto (apex FusedAdam on GPU when installed, else torch AdamW, fused
+    on GPU), torch, apex or deepspeed."""
     seed: int = 0
+    """Seed of the initial weights and of dropout."""
     log_every: int = 1
+    """Log (progress line, metrics.jsonl, mlflow) every this many steps."""
     eval_every: int = 100
+    """Evaluate every this many steps (0: never)."""
     eval_batches: int = 8
+    """Batches of train.micro_batch sequences per data-parallel rank in one evaluation."""
     ckpt_every: int = 100
+    """Write a checkpoint every this many steps (0: only on a signal and at the end)."""
     keep_last: int = 3
-    resume: str = "auto"  # auto (latest complete checkpoint, if any) | none | <checkpoint dir>
-    # a resume refuses data whose manifest differs from the run's (seq_len, tokenizer, shards);
-    # true continues on the new data anyway (the sample order then differs from the run's)
+    """Good checkpoints to keep (the newest good one and the one just written are always kept)."""
+    resume: str = "auto"
+    """auto (the newest complete checkpoint, if any), none, or a checkpoint directory."""
     allow_data_change: bool = False
-    hash_checkpoints: bool = True  # sha256 of every checkpoint file in its manifest
+    """A resume refuses data whose manifest differs from the run's (seq_len, tokenizer, shards);
+    true continues on the new data anyway (the sample order then differs from the run's)."""
+    hash_checkpoints: bool = True
+    """Record the sha256 of every checkpoint file in its manifest (readers then check it)."""
     mlflow: bool = True
-    mlflow_uri: str = ""  # default: sqlite database inside run_dir
+    """Track the run in mlflow."""
+    mlflow_uri: str = ""
+    """mlflow tracking URI; empty: a sqlite database inside run_dir."""
     experiment: str = "h3pretrain"
-    peak_tflops: float = 0.0  # per device, for MFU; 0 = from the GPU name (nothing on CPU)
-    deepspeed: dict[str, Any] = field(default_factory=dict)  # merged over the generated DeepSpeed config
-    deepspeed_json: str = ""  # a DeepSpeed JSON file, merged after `deepspeed`
+    """The mlflow experiment's name."""
+    peak_tflops: float = 0.0
+    """Peak bf16 TFLOP/s per device, for MFU; 0: from the GPU's name (none on CPU)."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """DeepSpeed settings merged over the generated DeepSpeed config."""
+    deepspeed_json: str = ""
+    """A DeepSpeed JSON file, merged after `deepspeed`."""
 
     def validate(self) -> None:
-        errors = []
-        if self.precision not in ("bf16", "fp32"):
-            errors.append(f"train.precision must be bf16 or fp32, not {self.precision!r}")
-        if self.compile not in (True, False, "auto"):
-            errors.append(f"train.compile must be true, false or auto, not {self.compile!r}")
-        if self.recompute not in RECOMPUTE_MODES:
-            errors.append(f"train.recompute must be none, block or selective, not {self.recompute!r}")
+        errors = [e for e in [_literal_errors(self, "train.")] if e]
         for name in ("steps", "global_batch", "micro_batch", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 errors.append(f"train.{name} must be >= 1, not {getattr(self, name)}")
@@ -184,11 +230,16 @@ class TrainConfig:
 class ParallelConfig:
     """Model-parallel layout; data parallelism takes the remaining ranks (world = tp * pp * cp * dp)."""
 
-    tp: int = 1  # tensor parallel (megatron-core layers; whole SSM heads per rank)
-    pp: int = 1  # pipeline stages
-    virtual_pp: int = 1  # model chunks per stage (interleaved 1F1B when > 1)
-    cp: int = 1  # context parallel: every sequence split into cp pieces, one per rank
-    sequence_parallel: bool = False  # shard LayerNorm/dropout regions over the sequence (needs tp > 1)
+    tp: int = 1
+    """Tensor-parallel ranks (megatron-core layers; whole attention and SSM heads per rank)."""
+    pp: int = 1
+    """Pipeline stages."""
+    virtual_pp: int = 1
+    """Model chunks per stage (interleaved 1F1B when > 1)."""
+    cp: int = 1
+    """Context parallel: every sequence split into cp pieces, one per rank."""
+    sequence_parallel: bool = False
+    """Shard the LayerNorm and dropout regions over the sequence (needs tp > 1)."""
 
 
 @dataclass
@@ -196,19 +247,33 @@ class SlurmConfig:
     """The sbatch job that `h3pretrain slurm submit` renders (one task per GPU, see h3pretrain/slurm)."""
 
     nodes: int = 1
-    gpus_per_node: int = 8  # 0: CPU-only nodes (then set tasks_per_node)
-    tasks_per_node: int = 0  # training processes per node; 0 = gpus_per_node (one per GPU)
+    """Nodes of the job."""
+    gpus_per_node: int = 8
+    """GPUs per node; 0: CPU-only nodes (then set tasks_per_node)."""
+    tasks_per_node: int = 0
+    """Training processes per node; 0: gpus_per_node (one per GPU)."""
     cpus_per_task: int = 8
-    time: str = "24:00:00"  # per job; a job that runs out of time saves, requeues and resumes
+    """CPUs per training process (data loading, kernels' host work)."""
+    time: str = "24:00:00"
+    """Time limit per job (quote it in YAML); a job that runs out of time saves, requeues and resumes."""
     partition: str = ""
+    """SLURM partition (empty: the cluster's default)."""
     account: str = ""
+    """SLURM account (empty: the user's default)."""
     qos: str = ""
-    job_name: str = ""  # default: the run directory's name (with an h3- prefix)
+    """SLURM quality of service (empty: the default)."""
+    job_name: str = ""
+    """The job's name; empty: the run directory's name with an h3- prefix."""
     exclusive: bool = True
-    grace_s: int = 300  # --signal=B:USR1@grace_s: time to finish a step and write a checkpoint
-    max_restarts: int = 3  # failures (not preemptions) requeued at most this many times per job
-    sbatch: list[str] = field(default_factory=list)  # extra #SBATCH options, e.g. "--constraint=h100"
-    setup: list[str] = field(default_factory=list)  # shell lines run before training (module load ...)
+    """Ask for whole nodes (--exclusive)."""
+    grace_s: int = 300
+    """Seconds of warning before the time limit (--signal=B:USR1@grace_s) to finish a step and save."""
+    max_restarts: int = 3
+    """Failures (not preemptions) requeued at most this many times per job."""
+    sbatch: list[str] = field(default_factory=list)
+    """Extra #SBATCH options, e.g. "--constraint=h100"."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before training (module load ...)."""
 
 
 SYNTHETIC_TASKS = ("induction", "assoc_recall")
@@ -224,24 +289,42 @@ SYNTHETIC_SHAPE = {"induction": (20, 31, 400), "assoc_recall": (10, 22, 200)}
 class SyntheticSettings:
     """`h3pretrain synthetic` (h3pretrain/synthetic.py); defaults are the reference setup."""
 
-    task: str = "induction"
-    mixer: str = "h3"  # h3 | attention | s4d (ModelConfig.mixer; no attention layers mixed in)
-    vocab_size: int = 0  # 0: the paper's
-    seq_len: int = 0  # 0: the paper's
+    task: Literal["induction", "assoc_recall"] = "induction"
+    """induction or assoc_recall."""
+    mixer: Mixer = "h3"
+    """h3, attention or s4d (as ModelConfig.mixer; no attention layers mixed in)."""
+    vocab_size: int = 0
+    """Vocabulary of the task; 0: the paper's."""
+    seq_len: int = 0
+    """Input tokens; 0: the paper's."""
     n_train: int = 5000
+    """Distinct training examples."""
     n_test: int = 500
+    """Test examples, none of which occurs in training."""
     d_model: int = 32
+    """Model width."""
     n_layer: int = 2
+    """Number of layers (all of the one mixer)."""
     attn_num_heads: int = 1
-    attn_rotary: bool = True  # our attention has no position embeddings; rotary gives it positions
-    dropout: float = 0.1  # embedding and attention dropout
-    loss: str = "all"  # all: next-token loss at every position (the reference); answer: the answer only
-    epochs: int = 0  # 0: the paper's (induction 400, assoc_recall 200)
+    """Attention heads (attention mixer)."""
+    attn_rotary: bool = True
+    """Rotary embeddings in attention (it has no position embeddings otherwise)."""
+    dropout: float = 0.1
+    """Embedding and attention dropout."""
+    loss: Literal["all", "answer"] = "all"
+    """all: next-token loss at every position (the reference); answer: at the answer only."""
+    epochs: int = 0
+    """Epochs; 0: the paper's (induction 400, assoc_recall 200)."""
     batch_size: int = 32
+    """Examples per optimizer step."""
     lr: float = 5e-4
+    """Peak learning rate."""
     weight_decay: float = 0.1
+    """AdamW weight decay."""
     warmup_fraction: float = 0.1
+    """Share of the steps spent in linear warmup."""
     seed: int = 0
+    """Seed of the data and the model."""
 
     def shape(self) -> tuple[int, int]:
         vocab, length, _ = SYNTHETIC_SHAPE[self.task]
@@ -279,10 +362,82 @@ class Config:
     """The whole run's configuration."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model's shape and initialisation."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The prepared data."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The training run."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The model-parallel layout."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """The SLURM job."""
+
+    def validate(self) -> None:
+        """Every setting checked in one place (choices, ranges, the model's shape); one ConfigError
+        naming each bad setting. A layout is checked against the world size when a run starts."""
+        errors = [_literal_errors(section, f"{name}.") for name, section in
+                  (("data", self.data), ("parallel", self.parallel), ("slurm", self.slurm))]
+        for section in (self.model, self.train):
+            try:
+                section.validate()
+            except ConfigError as err:
+                errors.append(str(err))
+        for name in ("tp", "pp", "virtual_pp", "cp"):
+            if getattr(self.parallel, name) < 1:
+                errors.append(f"parallel.{name} must be >= 1, not {getattr(self.parallel, name)}")
+        if not self.data.path:
+            errors.append("data.path is empty")
+        s = self.slurm
+        for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 0), ("cpus_per_task", 1),
+                          ("grace_s", 0), ("max_restarts", 0)):
+            if getattr(s, name) < low:
+                errors.append(f"slurm.{name} must be >= {low}, not {getattr(s, name)}")
+        errors = [e for e in errors if e]
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+
+def _literal_errors(obj: Any, prefix: str = "") -> str:
+    """Choices (Literal fields) of a config built in Python, where nothing coerced them."""
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(value):
+            out.append(_literal_errors(value, f"{prefix}{f.name}."))
+            continue
+        try:
+            _coerce(value, tp, f"{prefix}{f.name}")
+        except ConfigError as err:
+            if any(typing.get_origin(a) is Literal for a in (tp, *typing.get_args(tp))):
+                out.append(str(err))
+    return "; ".join(e for e in out if e)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), by field name."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs, body = {}, ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    for field_node, doc_node in zip(body, body[1:]):
+        if (isinstance(field_node, ast.AnnAssign) and isinstance(doc_node, ast.Expr)
+                and isinstance(doc_node.value, ast.Constant) and isinstance(doc_node.value.value, str)):
+            docs[field_node.target.id] = " ".join(doc_node.value.value.split())
+    return docs
+
+
+def describe(cfg: Any, prefix: str = "") -> list[str]:
+    """`section.key = value` and the field's meaning, for every field of a config."""
+    lines, docs = [], field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += [f"{prefix}{f.name}: {docs.get(f.name, '')}", *describe(value, f"{prefix}{f.name}.")]
+        else:
+            lines.append(f"  {prefix}{f.name} = {value!r}\n      {docs.get(f.name, '')}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +455,12 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _kind(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(map(str, typing.get_args(tp)))
+    return {bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -315,6 +476,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and type(value) in {type(c) for c in choices}:
+            return value
+        raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}, not {value!r}")
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -326,7 +492,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError:
                 pass
-        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+        raise ConfigError(f"{where} must be {' or '.join(_kind(a) for a in args if a is not type(None))}, not {value!r}")
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "3e-4" as a string
             return float(value)
@@ -373,7 +539,8 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         hint = typing.get_type_hints(type(obj))[key]
         quoted = len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\""
         # A string field takes the text as given: YAML would read 12:00:00 as 43200 and 1e3 as a float.
-        value = raw if hint is str and not quoted else _yaml().safe_load(raw)
+        text_only = hint is str or (typing.get_origin(hint) is Literal and all(isinstance(c, str) for c in typing.get_args(hint)))
+        value = raw if text_only and not quoted else _yaml().safe_load(raw)
         setattr(obj, key, _coerce(value, hint, path))
     return cfg
 

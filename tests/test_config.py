@@ -56,3 +56,55 @@ def test_invalid_model_config_is_explained():
     with pytest.raises(ConfigError) as err:
         HybridLM(cfg)
     assert "attn_layer_idx [12]" in str(err.value) and "ssm_head_dim 5" in str(err.value)
+
+
+def test_every_field_has_a_docstring_that_info_prints(capsys):
+    import dataclasses
+
+    from h3pretrain.cli import main
+    from h3pretrain.config import Config, SyntheticSettings, field_docs
+
+    from h3pretrain import config as module
+
+    for cls in (Config, module.ModelConfig, module.DataConfig, module.TrainConfig, module.ParallelConfig,
+                module.SlurmConfig, SyntheticSettings):
+        docs = field_docs(cls)
+        missing = [f.name for f in dataclasses.fields(cls) if len(docs.get(f.name, "")) < 8]
+        assert not missing, (cls.__name__, missing)
+    assert main(["info", "--config", "launch/configs/tiny.yaml", "--set", "train.steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "  train.steps = 7\n      Optimizer steps of the whole run" in out
+    assert "  parallel.sequence_parallel = False\n      Shard the LayerNorm" in out
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.precision", "fp8", "train.precision must be one of bf16, fp32, not 'fp8'"),
+    ("train.zero_stage", "4", "train.zero_stage must be one of 1, 2, 3, not 4"),
+    ("train.compile", "maybe", "train.compile must be true or false or auto, not 'maybe'"),
+    ("model.mixer", "mamba", "model.mixer must be one of h3, attention, s4d, not 'mamba'"),
+    ("train.optimizer", "sgd", "train.optimizer must be one of auto, torch, apex, deepspeed, not 'sgd'"),
+])
+def test_choices_are_literal_types_checked_when_read(key, value, message):
+    from h3pretrain.config import Config, ConfigError, apply_overrides
+
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(Config(), [f"{key}={value}"])
+    assert str(err.value) == message
+
+
+def test_config_validate_is_the_one_place_that_checks_everything():
+    """A config built in Python (nothing coerced its values) is still checked by Config.validate."""
+    from h3pretrain.config import Config, ConfigError
+
+    cfg = Config()
+    cfg.validate()
+    cfg.train.precision = "fp8"
+    cfg.train.steps = 0
+    cfg.parallel.tp = 0
+    cfg.model.d_model = 30
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    text = str(err.value)
+    for part in ("train.precision must be one of bf16, fp32", "train.steps must be >= 1", "parallel.tp must be >= 1",
+                 "d_model 30 is not a multiple of attn_num_heads"):
+        assert part in text, text

@@ -78,8 +78,7 @@ def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[Stage
         raise ConfigError(f"--gpus {world}: must be >= 1")
     if seq_len < 1:
         raise ConfigError(f"--seq-len {seq_len}: must be >= 1")
-    m.validate()
-    train_cfg.validate()
+    cfg.validate()
     dp = check(parallel_cfg, world)
     check_model(m, parallel_cfg, seq_len)
     if train_cfg.global_batch % (dp * train_cfg.micro_batch):

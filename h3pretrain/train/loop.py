@@ -196,7 +196,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     does so before importing torch), so a preemption during start-up is honoured too."""
     stop = stop or StopRequest().install()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg.train.validate()
+    cfg.validate()
     train_cfg = cfg.train
     run_dir = Path(train_cfg.run_dir)
     manifest = Manifest.load(cfg.data.path)
