@@ -44,58 +44,58 @@ class Layout:
             f"·DP{self.dp}" + (f"·CP{self.cp}" if self.cp > 1 else "")
 
 
-def check(par: ParallelConfig, world: int) -> int:
+def check(parallel: ParallelConfig, world: int) -> int:
     """Validates the layout against the world size; returns the data-parallel size."""
     for name in ("tp", "pp", "virtual_pp", "cp"):
-        if getattr(par, name) < 1:
-            raise ConfigError(f"parallel.{name} must be >= 1, not {getattr(par, name)}")
-    model_parallel = par.tp * par.pp * par.cp
+        if getattr(parallel, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, not {getattr(parallel, name)}")
+    model_parallel = parallel.tp * parallel.pp * parallel.cp
     if world % model_parallel:
-        raise ConfigError(f"parallel.tp {par.tp} x parallel.pp {par.pp} x parallel.cp {par.cp} = {model_parallel} "
-                          f"does not divide the {world} ranks (the rest is data parallel)")
-    if par.virtual_pp > 1 and par.pp == 1:
+        raise ConfigError(f"parallel.tp {parallel.tp} x parallel.pp {parallel.pp} x parallel.cp {parallel.cp} "
+                          f"= {model_parallel} does not divide the {world} ranks (the rest is data parallel)")
+    if parallel.virtual_pp > 1 and parallel.pp == 1:
         raise ConfigError("parallel.virtual_pp > 1 needs parallel.pp > 1")
-    if par.sequence_parallel and par.tp == 1:
+    if parallel.sequence_parallel and parallel.tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
     return world // model_parallel
 
 
-def check_model(model: ModelConfig, par: ParallelConfig, seq_len: int) -> None:
+def check_model(model: ModelConfig, parallel: ParallelConfig, seq_len: int) -> None:
     """What the model's shape must allow under the layout: whole heads per tensor-parallel rank,
     whole sequence pieces per context-parallel rank, a layer or more per pipeline chunk."""
     errors = []
-    if "attention" in model.layer_kinds() and model.attn_num_heads % par.tp:
-        errors.append(f"model.attn_num_heads {model.attn_num_heads} is not divisible by parallel.tp {par.tp}")
-    if model.mixer != "attention" and model.ssm_num_heads % par.tp:
+    if "attention" in model.layer_kinds() and model.attn_num_heads % parallel.tp:
+        errors.append(f"model.attn_num_heads {model.attn_num_heads} is not divisible by parallel.tp {parallel.tp}")
+    if model.mixer != "attention" and model.ssm_num_heads % parallel.tp:
         errors.append(f"the {model.ssm_num_heads} SSM heads (model.d_model / model.ssm_head_dim) are not divisible "
-                      f"by parallel.tp {par.tp}")
-    if model.padded_vocab_size % par.tp:
-        errors.append(f"the padded vocabulary {model.padded_vocab_size} is not divisible by parallel.tp {par.tp} "
+                      f"by parallel.tp {parallel.tp}")
+    if model.padded_vocab_size % parallel.tp:
+        errors.append(f"the padded vocabulary {model.padded_vocab_size} is not divisible by parallel.tp {parallel.tp} "
                       "(raise model.pad_vocab_multiple)")
-    if seq_len % par.cp:
-        errors.append(f"the sequence length {seq_len} is not divisible by parallel.cp {par.cp}")
-    if model.n_layer < par.pp * par.virtual_pp:
+    if seq_len % parallel.cp:
+        errors.append(f"the sequence length {seq_len} is not divisible by parallel.cp {parallel.cp}")
+    if model.n_layer < parallel.pp * parallel.virtual_pp:
         errors.append(f"model.n_layer {model.n_layer} is fewer than parallel.pp x parallel.virtual_pp "
-                      f"= {par.pp * par.virtual_pp} pipeline chunks")
+                      f"= {parallel.pp * parallel.virtual_pp} pipeline chunks")
     if errors:
         raise ConfigError("; ".join(errors))
 
 
-def initialize(par: ParallelConfig) -> Layout:
+def initialize(parallel: ParallelConfig) -> Layout:
     """Collective. Creates megatron-core's groups (and its CPU redirects when there is no GPU)."""
     from megatron.core import parallel_state as ps
 
     from . import cpu_redirects
 
     cpu_redirects.apply()
-    dp = check(par, dist.get_world_size())
+    dp = check(parallel, dist.get_world_size())
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=par.tp, pipeline_model_parallel_size=par.pp,
-        virtual_pipeline_model_parallel_size=par.virtual_pp if par.virtual_pp > 1 else None,
-        context_parallel_size=par.cp)
-    return Layout(tp=par.tp, pp=par.pp, dp=dp, cp=par.cp, virtual_pp=par.virtual_pp,
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pp if parallel.virtual_pp > 1 else None,
+        context_parallel_size=parallel.cp)
+    return Layout(tp=parallel.tp, pp=parallel.pp, dp=dp, cp=parallel.cp, virtual_pp=parallel.virtual_pp,
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
                   dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank())
 

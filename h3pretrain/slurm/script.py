@@ -65,7 +65,7 @@ def plan(cfg: Config, source: str, base: Path | None = None) -> JobPlan:
     cfg.train.run_dir = _absolute(cfg.train.run_dir, base)
     cfg.train.deepspeed_json = _absolute(cfg.train.deepspeed_json, base)
 
-    s, par, tc = cfg.slurm, cfg.parallel, cfg.train
+    s, parallel, training = cfg.slurm, cfg.parallel, cfg.train
     errors = []
     tasks = s.tasks_per_node or s.gpus_per_node
     if s.nodes < 1:
@@ -79,24 +79,24 @@ def plan(cfg: Config, source: str, base: Path | None = None) -> JobPlan:
         errors.append(f"slurm.grace_s must be in 1..65535 (sbatch --signal), not {s.grace_s}")
     if s.max_restarts < 0:
         errors.append(f"slurm.max_restarts must be >= 0, not {s.max_restarts}")
-    if tc.resume != "auto":
+    if training.resume != "auto":
         errors.append(f"train.resume must be 'auto' for a SLURM job (every restart resumes from the run's "
-                      f"latest checkpoint), not {tc.resume!r}")
+                      f"latest checkpoint), not {training.resume!r}")
     world = max(s.nodes, 1) * max(tasks, 1)
-    model_parallel = par.tp * par.pp * par.cp
+    model_parallel = parallel.tp * parallel.pp * parallel.cp
     dp = world // model_parallel if model_parallel > 0 else 0
     if model_parallel < 1 or world % model_parallel:
-        errors.append(f"{world} ranks ({s.nodes} nodes x {tasks}) do not split into tp {par.tp} x pp {par.pp} "
-                      f"x cp {par.cp}")
-    elif tc.global_batch % (dp * tc.micro_batch):
-        errors.append(f"train.global_batch {tc.global_batch} is not a multiple of data-parallel size {dp} x "
-                      f"train.micro_batch {tc.micro_batch}")
+        errors.append(f"{world} ranks ({s.nodes} nodes x {tasks}) do not split into tp {parallel.tp} "
+                      f"x pp {parallel.pp} x cp {parallel.cp}")
+    elif training.global_batch % (dp * training.micro_batch):
+        errors.append(f"train.global_batch {training.global_batch} is not a multiple of data-parallel size {dp} x "
+                      f"train.micro_batch {training.micro_batch}")
     if errors:
         raise ConfigError("cannot make a SLURM job: " + "; ".join(errors))
-    run_dir = Path(tc.run_dir)
+    run_dir = Path(training.run_dir)
     name = s.job_name or (run_dir.name if run_dir.name.startswith("h3") else f"h3-{run_dir.name}")
     return JobPlan(cfg=cfg, run_dir=run_dir, job_name=name, tasks_per_node=tasks,
-                   world=world, dp=dp, accumulation=tc.global_batch // (dp * tc.micro_batch), source=source)
+                   world=world, dp=dp, accumulation=training.global_batch // (dp * training.micro_batch), source=source)
 
 
 def _checkout() -> Path:
@@ -127,12 +127,15 @@ def render(p: JobPlan, repo: Path | None = None) -> str:
     for opt in sbatch:
         if any(c.isspace() for c in opt):
             raise ConfigError(f"sbatch option {opt!r} contains white space")
-    par, tc = p.cfg.parallel, p.cfg.train
+    parallel, training = p.cfg.parallel, p.cfg.train
     header = [
         "#!/bin/bash",
-        f"# h3pretrain training job rendered by `h3pretrain slurm` from {p.source} on {time.strftime('%Y-%m-%d %H:%M')}.",
-        f"# {p.world} ranks = {s.nodes} nodes x {p.tasks_per_node}: tp {par.tp} x pp {par.pp} x cp {par.cp} x dp {p.dp};",
-        f"# global batch {tc.global_batch} = dp {p.dp} x micro {tc.micro_batch} x accumulation {p.accumulation}.",
+        f"# h3pretrain training job rendered by `h3pretrain slurm` from {p.source} on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}.",
+        f"# {p.world} ranks = {s.nodes} nodes x {p.tasks_per_node}: tp {parallel.tp} x pp {parallel.pp} "
+        f"x cp {parallel.cp} x dp {p.dp};",
+        f"# global batch {training.global_batch} = dp {p.dp} x micro {training.micro_batch} "
+        f"x accumulation {p.accumulation}.",
         f"# Config of this job: {p.job_config}. Re-submit: h3pretrain slurm resume {p.run_dir}",
         *[f"#SBATCH {opt}" for opt in sbatch],
     ]

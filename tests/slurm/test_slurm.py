@@ -420,13 +420,16 @@ def test_crashing_job_stops_after_the_restart_bound(cluster, prepared, tmp_path)
     data, _ = prepared
     # a refused input (exit 2) is not retried: it would fail the same way every time
     refused_dir = tmp_path / "refused"
-    config = _write_config(tmp_path / "refused.yaml", data, refused_dir, optimizer="no-such-optimizer")
+    config = _write_config(tmp_path / "refused.yaml", data, refused_dir)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["eval_split"] = "test"  # the trainer refuses it at start-up (submit does not read the splits)
+    config.write_text(yaml.safe_dump(cfg))
     watch = Watcher(cluster)
     job = _submit(cluster, config, refused_dir)
     info = watch.wait([job])[job]
     log = (refused_dir / "slurm" / f"job-{job}.log").read_text()
     assert (info["JobState"], info["Restarts"], info["ExitCode"]) == ("FAILED", "0", "2:0"), (info, log[-3000:])
-    assert "unknown train.optimizer 'no-such-optimizer'" in log and "training refused its input" in log
+    assert "data.eval_split 'test' is not a split of" in log and "training refused its input" in log
     # a crash (here the trainer's interpreter dies with exit 3 on every attempt) is retried up to the bound
     crash = tmp_path / "crashing-python"
     crash.write_text("#!/bin/sh\necho 'simulated crash' >&2\nexit 3\n")
