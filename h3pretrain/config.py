@@ -195,6 +195,10 @@ class TrainConfig:
     allow_data_change: bool = False
     """A resume refuses data whose manifest differs from the run's (seq_len, tokenizer, shards);
     true continues on the new data anyway (the sample order then differs from the run's)."""
+    async_checkpoint: bool = True
+    """Write checkpoints in the background: training goes on once the state is in host memory; the
+    next save, the end of the run and a stop wait for the write, and a checkpoint counts only once
+    it is complete (manifest and `latest` last)."""
     hash_checkpoints: bool = True
     """Record the sha256 of every checkpoint file in its manifest (readers then check it)."""
     mlflow: bool = True

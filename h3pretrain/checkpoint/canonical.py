@@ -97,12 +97,12 @@ def collect(models: list[nn.Module], tp_group, tp: int, optimizer_state: bool = 
     for name, p in named_params(models):
         if getattr(p, "ds_pipe_replicated", False):
             continue  # the last stage's copy of the tied embedding: the first stage owns it
-        out[name] = gather(_zero_full(p, None), p, tp_group, tp).cpu()
+        out[name] = gather(_zero_full(p, None), p, tp_group, tp).to("cpu", copy=True)  # never a view of training state
         if optimizer_state:
             for key in ADAM_KEYS:
                 value = _zero_full(p, key)
                 if value is not None:
-                    out[f"{name}::{key}"] = gather(value, p, tp_group, tp).cpu()
+                    out[f"{name}::{key}"] = gather(value, p, tp_group, tp).to("cpu", copy=True)
         if grads:
             g = safe_get_full_grad(p)
             out[f"{name}::grad"] = gather(g if g is not None else torch.zeros_like(p), p, tp_group, tp).cpu()

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
@@ -43,9 +44,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _rank() -> int:
@@ -110,15 +111,26 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
 
 
 class CheckpointManager:
+    """Collective where noted: every rank of the job constructs one (a background write coordinates
+    the ranks over a process group of its own, so training's collectives run meanwhile)."""
+
     def __init__(self, root: str | Path, keep_last: int = 3, hash_files: bool = True):
         self.root = Path(root)
         self.keep_last, self.hash_files = keep_last, hash_files
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._pending: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     # ---- writing --------------------------------------------------------------------------
 
-    def save(self, write_tensors, step: int, trainer_state: dict) -> Path:
-        """Collective: every rank calls it; write_tensors(directory) writes the model and optimizer
-        state (collectively). Returns the final directory."""
+    def save(self, write_tensors, step: int, trainer_state: dict, background: bool = False,
+             on_complete=None) -> Path:
+        """Collective: every rank calls it. write_tensors(directory) collects the model and optimizer
+        state (collectively) and either writes it or returns a function that does. With
+        `background`, that function, the manifest, the rename and `latest` run in a thread: the
+        checkpoint counts once `wait()` returns (the next save, the end of a run, a stop all wait).
+        on_complete() runs on rank 0 once the checkpoint is complete. Returns the final directory."""
+        self.wait()
         name = f"step-{step:08d}"
         final, tmp = self.root / name, self.root / (name + ".tmp")
         if _rank() == 0:
@@ -126,25 +138,57 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         _barrier()
-        write_tensors(tmp)
-        torch.save(rng_state(), tmp / "rng" / f"rank-{_rank():05d}.pt")
-        _barrier()
-        if _rank() == 0:
-            _write_text_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1, sort_keys=True))
-            files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            manifest = {"step": step, "files": {str(p.relative_to(tmp)): {
-                "bytes": p.stat().st_size, **({"sha256": _sha256(p)} if self.hash_files else {})} for p in files}}
-            _write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-            old = self.root / (name + ".replaced")
-            if final.exists():  # a re-save of the same step: the old copy goes only once the new one is in place
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-            _write_text_atomic(self.root / "latest", name + "\n")
-            self._prune(final)
-        _barrier()
+        finish = write_tensors(tmp)
+        rng = rng_state()
+
+        def complete() -> None:
+            if finish is not None:
+                finish()
+            torch.save(rng, tmp / "rng" / f"rank-{_rank():05d}.pt")
+            _barrier(self.group)
+            if _rank() == 0:
+                self._commit(tmp, final, name, step, trainer_state)
+                if on_complete is not None:
+                    on_complete()
+            _barrier(self.group)
+
+        if background:
+            self._pending = threading.Thread(target=self._run, args=(complete,), name=f"checkpoint-{step}")
+            self._pending.start()
+        else:
+            complete()
         return final
+
+    def _run(self, complete) -> None:
+        try:
+            complete()
+        except BaseException as err:  # noqa: BLE001 - raised again by wait() in the training thread
+            self._failure = err
+
+    def wait(self) -> None:
+        """Until the checkpoint being written in the background (if any) is complete."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._failure is not None:
+            err, self._failure = self._failure, None
+            raise err
+
+    def _commit(self, tmp: Path, final: Path, name: str, step: int, trainer_state: dict) -> None:
+        """Rank 0, every file written: the manifest, the rename, `latest`, pruning."""
+        _write_text_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1, sort_keys=True))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"step": step, "files": {str(p.relative_to(tmp)): {
+            "bytes": p.stat().st_size, **({"sha256": _sha256(p)} if self.hash_files else {})} for p in files}}
+        _write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        old = self.root / (name + ".replaced")
+        if final.exists():  # a re-save of the same step: the old copy goes only once the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+        _write_text_atomic(self.root / "latest", name + "\n")
+        self._prune(final)
 
     def _prune(self, written: Path) -> None:
         """Keeps the `keep_last` newest good checkpoints, always the newest good one and the one just

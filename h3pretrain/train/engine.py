@@ -210,15 +210,23 @@ class TrainingEngine:
         """Collective. This stage's full tensors (see canonical.collect)."""
         return canonical.collect(self.models, self.tp_group, self.layout.tp, optimizer_state, grads)
 
-    def save(self, directory: Path) -> None:
-        """Collective. model/stage-NNN.safetensors and optim/stage-NNN.safetensors, written by the
-        first TP, CP and DP rank of each stage, plus the LR scheduler state."""
+    def save(self, directory: Path):
+        """Collective: the state copied to host memory. Returns the function that writes it (any
+        thread, any time later): model/ and optim/ stage files by the first TP, CP and DP rank of
+        each stage, and the LR scheduler state by rank 0."""
+        import copy
+
         tensors = self.collect(optimizer_state=True)
         layout = self.layout
-        if layout.speaks_for_stage:
-            canonical.write_stage(directory, tensors, layout.pp_rank, layout.pp)
-        if dist.get_rank() == 0:
-            canonical.write_scheduler(directory, self.engine.lr_scheduler.state_dict())
+        scheduler = copy.deepcopy(self.engine.lr_scheduler.state_dict()) if dist.get_rank() == 0 else None
+
+        def write() -> None:
+            if layout.speaks_for_stage:
+                canonical.write_stage(directory, tensors, layout.pp_rank, layout.pp)
+            if scheduler is not None:
+                canonical.write_scheduler(directory, scheduler)
+
+        return write
 
     def load(self, directory: Path, step: int) -> None:
         """Collective. Restores weights, Adam state and its step count, and the LR schedule."""

@@ -332,10 +332,14 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
         state = {"step": step, "tokens": tokens, "data": {**loader.state_dict(), "position": step * train_cfg.global_batch},
                  "world_size": world, "layout": layout.shape(), "reason": reason, "config": to_dict(cfg),
                  "last_eval_step": last_eval, "data_manifest": data_fingerprint}
-        path = ckpt.save(engine.save, step, state)
-        if rank == 0:
-            tracker.commit()
+        covered = tracker.take_pending() if tracker else None
+
+        def complete() -> None:  # rank 0, once the checkpoint counts
+            tracker.send(covered)
             log.info("saved checkpoint %s (%s)", path, reason)
+
+        path = ckpt.save(engine.save, step, state, background=train_cfg.async_checkpoint,
+                         on_complete=complete if tracker else None)
         return path
 
     def write_status(state: str, extra: dict | None = None) -> None:
@@ -387,13 +391,19 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
             log.warning("%s (%s): saving step %d and exiting with %d", why, stop.signal_name, step, EXIT_PREEMPTED)
         if last_saved != step:  # (a checkpoint of this step whose evaluation was cut records so: it is redone)
             save(f"signal {stop.signal_name}")
+        ckpt.wait()
         write_status("preempted", {"signal": stop.signal_name, "loss": last_loss})
         if tracker:
             tracker.close("KILLED")
         return EXIT_PREEMPTED
+    except BaseException:
+        prefetch.close()
+        ckpt.wait()  # a checkpoint being written still completes
+        raise
     prefetch.close()
     if last_saved != step:
         save("final")
+    ckpt.wait()
     write_status("finished", {"loss": last_loss})
     if tracker:
         tracker.close("FINISHED")

@@ -139,16 +139,22 @@ class Tracker:
             self.pending += [Metric(prefix + k, float(v), now, step) for k, v in metrics.items() if v == v]
             self.batch_max[kind] = step
 
-    def commit(self) -> None:
-        """A checkpoint covers everything logged so far: hand it to mlflow."""
-        if self.client is not None and self.pending:
-            for i in range(0, len(self.pending), 900):
-                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 900])
-            self.sent.update(self.batch_max)
+    def take_pending(self) -> tuple[list, dict]:
+        """What a checkpoint being written now covers; `send` it once the checkpoint is complete."""
+        batch = (self.pending, self.batch_max)
+        self.pending, self.batch_max = [], {}
+        return batch
+
+    def send(self, batch: tuple[list, dict]) -> None:
+        """Hand metrics covered by a complete checkpoint to mlflow (any thread)."""
+        metrics, through = batch
+        if self.client is not None and metrics:
+            for i in range(0, len(metrics), 900):
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + 900])
+            self.sent.update(through)
             tmp = self.sent_file.with_name(self.sent_file.name + ".tmp")
             tmp.write_text(json.dumps(self.sent) + "\n")
             os.replace(tmp, self.sent_file)
-        self.pending, self.batch_max = [], {}
 
     def progress(self, step: int, m: dict[str, float]) -> None:
         elapsed = time.time() - self.t_start

@@ -61,7 +61,7 @@ def main() -> None:
     if mode == "save":
         ckpt.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
-        engine.save(ckpt)
+        engine.save(ckpt)()
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "grad_norms.json").write_text(json.dumps(norms))

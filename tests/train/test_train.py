@@ -471,3 +471,37 @@ def test_a_rejected_config_does_not_replace_the_runs_config(prepared, tmp_path):
     done = _cli_train(data, run_dir, global_batch=6, micro_batch=4)  # 6 does not split into micro-batches of 4
     assert done.returncode == 2 and "train.global_batch 6 must split" in done.stderr, done.stderr[-3000:]
     assert (run_dir / "config.yaml").read_text() == "the config the run was started with\n"
+
+
+SLOW_WRITES = """
+import sys, time
+from h3pretrain.checkpoint import canonical
+write_stage = canonical.write_stage
+def slow_write_stage(directory, *args, **kwargs):
+    if "step-00000004" in str(directory):
+        time.sleep(30)  # the background write of step 4 outlasts the rest of the run
+    return write_stage(directory, *args, **kwargs)
+canonical.write_stage = slow_write_stage
+from h3pretrain.cli import main
+sys.exit(main())
+"""
+
+
+def test_training_goes_on_during_a_background_write_and_a_kill_there_keeps_the_previous_checkpoint(
+        reference, tmp_path):
+    """The checkpoint of step 4 is written in the background (slowed here): training reaches step 6
+    while step-00000004.tmp is still being written, so it was not blocked; SIGKILL then leaves
+    step 2 as the checkpoint in use, and the resumed run ends bit-identical to the reference."""
+    data, ref_dir = reference
+    run_dir = tmp_path / "run"
+    extra = {"model.embed_dropout": 0.1, "model.attn_dropout": 0.1}
+    proc = launch(data, run_dir, python_code=SLOW_WRITES, **extra)
+    ckpts = run_dir / "checkpoints"
+    assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 6, proc)
+    assert (ckpts / "step-00000004.tmp").is_dir() and not (ckpts / "step-00000004").exists()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (ckpts / "latest").read_text().strip() == "step-00000002"
+    assert run(data, run_dir, **extra) == 0
+    assert f"resumed from {ckpts / 'step-00000002'} at step 2" in Path(str(run_dir) + ".log").read_text()
+    assert losses(run_dir) == losses(ref_dir)
