@@ -222,12 +222,12 @@ def _generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .generate import TextStream, generate
 
-    for flag, ok in (("--max-new-tokens", args.max_new_tokens >= 1), ("--temperature", args.temperature >= 0),
-                     ("--top-k", args.top_k >= 0), ("--top-p", 0 < args.top_p <= 1)):
+    for flag, value, ok, rule in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+                                  ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0 = greedy)"),
+                                  ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = all)"),
+                                  ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")):
         if not ok:
-            rule = {"--max-new-tokens": ">= 1", "--temperature": ">= 0 (0 = greedy)", "--top-k": ">= 0 (0 = all)",
-                    "--top-p": "in (0, 1]"}[flag]
-            raise UserError(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: must be {rule}")
+            raise UserError(f"{flag} {value}: must be {rule}")
     device = _device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise UserError(f"--cuda-graph needs a CUDA device, not --device {args.device}")

@@ -409,11 +409,10 @@ def _literal_errors(obj: Any, prefix: str = "") -> str:
         value, tp = getattr(obj, f.name), hints[f.name]
         if dataclasses.is_dataclass(value):
             out.append(_literal_errors(value, f"{prefix}{f.name}."))
-            continue
-        try:
-            _coerce(value, tp, f"{prefix}{f.name}")
-        except ConfigError as err:
-            if any(typing.get_origin(a) is Literal for a in (tp, *typing.get_args(tp))):
+        elif any(typing.get_origin(a) is Literal for a in (tp, *typing.get_args(tp))):
+            try:
+                _coerce(value, tp, f"{prefix}{f.name}")
+            except ConfigError as err:
                 out.append(str(err))
     return "; ".join(e for e in out if e)
 

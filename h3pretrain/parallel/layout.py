@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ..config import ConfigError, ModelConfig, ParallelConfig
+from ..config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,14 @@ def check(parallel: ParallelConfig, world: int) -> int:
     if parallel.sequence_parallel and parallel.tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
     return world // model_parallel
+
+
+def local_batch(training: TrainConfig, dp: int) -> int:
+    """Sequences per data-parallel rank and step; they must split into whole micro-batches."""
+    if training.global_batch % dp or (training.global_batch // dp) % training.micro_batch:
+        raise ConfigError(f"train.global_batch {training.global_batch} must split into {dp} data-parallel ranks x "
+                          f"micro_batch {training.micro_batch} x an integer number of micro-batches")
+    return training.global_batch // dp
 
 
 def check_model(model: ModelConfig, parallel: ParallelConfig, seq_len: int) -> None:

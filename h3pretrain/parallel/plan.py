@@ -71,7 +71,7 @@ def layer_activation_bytes(m: ModelConfig, kind: str, seq_len: int, tp: int, rec
 
 def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[StagePlan], int]:
     """(chunks, per-stage plans, dp size) for `world` GPUs under cfg.parallel."""
-    from .layout import check, check_model
+    from .layout import check, check_model, local_batch
 
     parallel_cfg, m, train_cfg = cfg.parallel, cfg.model, cfg.train
     if world < 1:
@@ -81,9 +81,7 @@ def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[Stage
     cfg.validate()
     dp = check(parallel_cfg, world)
     check_model(m, parallel_cfg, seq_len)
-    if train_cfg.global_batch % (dp * train_cfg.micro_batch):
-        raise ConfigError(f"train.global_batch {train_cfg.global_batch} does not split into {dp} data-parallel ranks x "
-                          f"train.micro_batch {train_cfg.micro_batch}")
+    local_batch(train_cfg, dp)
     chunks = partition(m, parallel_cfg.pp, parallel_cfg.virtual_pp, seq_len)
     last = len(chunks) - 1
     kinds = m.layer_kinds()

@@ -26,6 +26,7 @@ from ..model import HybridLM
 from ..model.layers import LayerFactory
 from ..model.regional import apply_compile, apply_recompute, compile_wanted
 from ..parallel.layout import DeepSpeedMPU, Layout, check_model, initialize, zero_group
+from ..parallel.layout import local_batch as batch_per_rank
 from ..parallel.pipeline import StageModule, partition, run_schedule, schedule_config, tie_embedding_grads
 from .optim import build_optimizer, deepspeed_config
 
@@ -92,11 +93,7 @@ class TrainingEngine:
                     set_z3_leaf_module(block, True)
             apply_compile(blocks)
 
-        local_batch = train_cfg.global_batch // layout.dp if train_cfg.global_batch % layout.dp == 0 else None
-        if local_batch is None or local_batch % train_cfg.micro_batch:
-            raise ConfigError(f"train.global_batch {train_cfg.global_batch} must split into {layout.dp} data-parallel ranks x "
-                              f"micro_batch {train_cfg.micro_batch} x an integer number of micro-batches")
-        self.local_batch = local_batch
+        self.local_batch = local_batch = batch_per_rank(train_cfg, layout.dp)
         if layout.pp == 1:
             self.module: nn.Module = self.models[0]
             ds = deepspeed_config(train_cfg, layout.dp, cp=layout.cp)

@@ -211,14 +211,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     guard.write(started)
     try:
         return _run(cfg, manifest, stop, guard)
-    except UserError as err:
-        if not guard.running:
-            guard.undo()
-            raise
-        guard.failed(err)
-        raise
     except BaseException as err:
-        guard.failed(err)
+        if isinstance(err, UserError) and not guard.running:
+            guard.undo()  # a refused start: the run directory stays as it was
+        else:
+            guard.failed(err)
         raise
 
 
