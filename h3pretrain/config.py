@@ -23,6 +23,7 @@ class ConfigError(UserError):
 
 Mixer = Literal["h3", "attention", "s4d"]
 RecomputeMode = Literal["none", "block", "selective"]
+CheckpointFormat = Literal["sharded", "gathered"]
 MIXERS = typing.get_args(Mixer)
 RECOMPUTE_MODES = typing.get_args(RecomputeMode)
 
@@ -199,6 +200,11 @@ class TrainConfig:
     """Write checkpoints in the background: training goes on once the state is in host memory; the
     next save, the end of the run and a stop wait for the write, and a checkpoint counts only once
     it is complete (manifest and `latest` last)."""
+    checkpoint_format: CheckpointFormat = "sharded"
+    """sharded: every rank writes only its own share (its ZeRO partition of its TP / PP piece) with
+    PyTorch Distributed Checkpoint, all ranks in parallel; gathered: one rank per pipeline stage
+    writes the stage's full tensors (the earlier format, host memory of a whole stage on every rank
+    during a save). Both resume under any layout, and every reader reads both."""
     hash_checkpoints: bool = True
     """Record the sha256 of every checkpoint file in its manifest (readers then check it)."""
     mlflow: bool = True

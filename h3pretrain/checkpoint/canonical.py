@@ -24,13 +24,17 @@ def stage_file(pp_rank: int, pp: int) -> str:
     return f"stage-{pp_rank:03d}-of-{pp:03d}.safetensors"
 
 
-def write_stage(directory: Path, tensors: dict[str, torch.Tensor], pp_rank: int, pp: int) -> None:
-    """One pipeline stage's full tensors: weights to model/, Adam moments (`name::exp_avg`) to optim/."""
+def write_stage(directory: Path, tensors: dict[str, torch.Tensor], pp_rank: int, pp: int) -> list[Path]:
+    """One pipeline stage's full tensors: weights to model/, Adam moments (`name::exp_avg`) to optim/.
+    Returns the two files."""
     from safetensors.torch import save_file
 
+    written = []
     for sub, keep in ((MODEL_DIR, lambda k: "::" not in k), (OPTIM_DIR, lambda k: "::" in k)):
         (directory / sub).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items() if keep(k)}, str(directory / sub / stage_file(pp_rank, pp)))
+        written.append(directory / sub / stage_file(pp_rank, pp))
+        save_file({k: v.contiguous() for k, v in tensors.items() if keep(k)}, str(written[-1]))
+    return written
 
 
 def tensor_source(directory: Path):
@@ -40,8 +44,9 @@ def tensor_source(directory: Path):
     return lambda name: optim(name) if "::" in name else weights(name)
 
 
-def write_scheduler(directory: Path, state: dict) -> None:
+def write_scheduler(directory: Path, state: dict) -> Path:
     torch.save(state, directory / SCHEDULER_FILE)
+    return directory / SCHEDULER_FILE
 
 
 def read_scheduler(directory: Path) -> dict:

@@ -95,7 +95,8 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
         return "manifest.json lacks its step or file list"
-    if "trainer_state.json" not in files or not any(rel.startswith("model/") for rel in files):
+    if "trainer_state.json" not in files or not any(rel.startswith("model/") or rel == "state/.metadata"
+                                                    for rel in files):
         return "manifest.json lists no trainer state or no model weights"
     for rel, meta in files.items():
         f = path / rel
@@ -142,12 +143,16 @@ class CheckpointManager:
         rng = rng_state()
 
         def complete() -> None:
-            if finish is not None:
-                finish()
-            torch.save(rng, tmp / "rng" / f"rank-{_rank():05d}.pt")
-            _barrier(self.group)
+            written = list(finish(self.group) or []) if finish is not None else []
+            written.append(tmp / "rng" / f"rank-{_rank():05d}.pt")
+            torch.save(rng, written[-1])
+            described = self._describe(tmp, written)  # every rank hashes what it wrote, in parallel
+            if dist.is_initialized():
+                gathered = [None] * dist.get_world_size(self.group) if _rank() == 0 else None
+                dist.gather_object(described, gathered, dst=0, group=self.group)
+                described = {k: v for part in gathered or [] for k, v in part.items()}
             if _rank() == 0:
-                self._commit(tmp, final, name, step, trainer_state)
+                self._commit(tmp, final, name, step, trainer_state, described)
                 if on_complete is not None:
                     on_complete()
             _barrier(self.group)
@@ -174,12 +179,21 @@ class CheckpointManager:
             err, self._failure = self._failure, None
             raise err
 
-    def _commit(self, tmp: Path, final: Path, name: str, step: int, trainer_state: dict) -> None:
-        """Rank 0, every file written: the manifest, the rename, `latest`, pruning."""
+    def _describe(self, tmp: Path, files) -> dict[str, dict]:
+        """Manifest entries (size, sha256) of files under `tmp`."""
+        return {str(Path(p).relative_to(tmp)): {"bytes": Path(p).stat().st_size,
+                                                 **({"sha256": _sha256(Path(p))} if self.hash_files else {})}
+                for p in files}
+
+    def _commit(self, tmp: Path, final: Path, name: str, step: int, trainer_state: dict,
+                described: dict[str, dict]) -> None:
+        """Rank 0, every file written: the manifest (the ranks' descriptions of their files, and of
+        any other file there), the rename, `latest`, pruning."""
         _write_text_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1, sort_keys=True))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {"step": step, "files": {str(p.relative_to(tmp)): {
-            "bytes": p.stat().st_size, **({"sha256": _sha256(p)} if self.hash_files else {})} for p in files}}
+        entries = self._describe(tmp, [p for p in files if str(p.relative_to(tmp)) not in described])
+        manifest = {"step": step, "files": {str(p.relative_to(tmp)): entries.get(str(p.relative_to(tmp)))
+                                            or described[str(p.relative_to(tmp))] for p in files}}
         _write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
         old = self.root / (name + ".replaced")
         if final.exists():  # a re-save of the same step: the old copy goes only once the new one is in place

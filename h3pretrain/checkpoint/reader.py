@@ -1,11 +1,13 @@
 """Reading trained weights for export, generation and evaluation.
 
-`load_checkpoint_model` is the one place that knows the training checkpoint format; everything
+`load_checkpoint_model` is the one place that knows the training checkpoint formats; everything
 else goes through it (or through `load_model_source`, which also takes `import-h3` model
-directories). A step directory holds the full, unsharded fp32 weights in `model/*.safetensors`
-(one file per pipeline stage, whatever the TP / PP / ZeRO layout that wrote them: see
-h3pretrain.checkpoint.canonical) and the run's config in `trainer_state.json`. safetensors holds no
-code, so nothing here unpickles anything.
+directories). A step directory holds the run's config in `trainer_state.json` and the weights
+either sharded in `state/` (PyTorch Distributed Checkpoint: every rank's boxes of the full tensors,
+h3pretrain.checkpoint.sharded) or gathered in `model/*.safetensors` (full tensors, one file per
+pipeline stage: h3pretrain.checkpoint.canonical). Either way the full fp32 tensors come back, under
+HybridLM names, whatever layout wrote them. Every file is checked against the manifest's sha256
+before anything is read (DCP's `.metadata` is a pickle: only one the run wrote is opened).
 """
 from __future__ import annotations
 
@@ -51,8 +53,11 @@ def load_checkpoint_model(path: str | Path) -> tuple[Config, dict[str, torch.Ten
     _check_complete(step)
     state = json.loads((step / "trainer_state.json").read_text())
     cfg = from_dict(Config, state["config"], f"{step}/trainer_state.json:config")
+    from . import sharded
     from .canonical import SafetensorsReader
 
+    if sharded.is_sharded(step):
+        return cfg, {k: v.float() for k, v in sharded.read_full(step, lambda key: "::" not in key).items()}
     weights = SafetensorsReader(step / "model")
     return cfg, {k: weights(k).float().contiguous() for k in weights.keys()}
 

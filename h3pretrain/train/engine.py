@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import canonical
+from ..checkpoint import canonical, sharded
 from ..config import Config, ConfigError
 from ..model import HybridLM
 from ..model.layers import LayerFactory
@@ -208,27 +208,44 @@ class TrainingEngine:
         return canonical.collect(self.models, self.tp_group, self.layout.tp, optimizer_state, grads)
 
     def save(self, directory: Path):
-        """Collective: the state copied to host memory. Returns the function that writes it (any
-        thread, any time later): model/ and optim/ stage files by the first TP, CP and DP rank of
-        each stage, and the LR scheduler state by rank 0."""
+        """Collective: the state copied to host memory. Returns finish(group) -> the files this rank
+        wrote, which writes it (any thread, any time later; collective over `group`). Sharded: every
+        rank its own share (h3pretrain.checkpoint.sharded); gathered: the first TP, CP and DP rank
+        of each stage its full tensors. Rank 0 also writes the LR scheduler state."""
         import copy
 
-        tensors = self.collect(optimizer_state=True)
         layout = self.layout
         scheduler = copy.deepcopy(self.engine.lr_scheduler.state_dict()) if dist.get_rank() == 0 else None
+        if self.cfg.train.checkpoint_format == "sharded":
+            state = sharded.collect_owned(self.models, layout.tp_rank, layout.tp)
 
-        def write() -> None:
-            if layout.speaks_for_stage:
-                canonical.write_stage(directory, tensors, layout.pp_rank, layout.pp)
+            def write_tensors(group) -> list[Path]:
+                return sharded.write(state, directory, group)
+        else:
+            tensors = self.collect(optimizer_state=True)
+
+            def write_tensors(group) -> list[Path]:
+                if not layout.speaks_for_stage:
+                    return []
+                return canonical.write_stage(directory, tensors, layout.pp_rank, layout.pp)
+
+        def finish(group) -> list[Path]:
+            written = write_tensors(group)
             if scheduler is not None:
-                canonical.write_scheduler(directory, scheduler)
+                written.append(canonical.write_scheduler(directory, scheduler))
+            return written
 
-        return write
+        return finish
 
-    def load(self, directory: Path, step: int) -> None:
-        """Collective. Restores weights, Adam state and its step count, and the LR schedule."""
-        canonical.load(self.models, canonical.tensor_source(directory), self.layout.tp_rank, self.layout.tp,
-                       zero_dp_group=self.zero_group)
+    def load(self, directory: Path, step: int, group=None) -> None:
+        """Collective (over `group`, default all ranks). Restores weights, Adam state and its step
+        count, and the LR schedule, from a checkpoint of either format and any layout."""
+        layout = self.layout
+        if sharded.is_sharded(directory):
+            sharded.load_into(self.models, directory, layout.tp_rank, layout.tp, group)
+        else:
+            canonical.load(self.models, canonical.tensor_source(directory), layout.tp_rank, layout.tp,
+                           zero_dp_group=self.zero_group)
         _set_adam_step(self._adam, step)
         sched = self.engine.lr_scheduler
         sched.load_state_dict(canonical.read_scheduler(directory))

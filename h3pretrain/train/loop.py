@@ -264,7 +264,7 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
             if changes and rank == 0:
                 log.warning("continuing on changed data (train.allow_data_change): %s", "; ".join(changes))
             _check_model_shape(cfg, state, resume_from)
-            engine.load(resume_from, state["step"])
+            engine.load(resume_from, state["step"], ckpt.group)
             ckpt.restore_rng(resume_from, same_layout=state.get("layout") == layout.shape())
             loader.load_state_dict(state["data"])
             step, tokens = state["step"], state["tokens"]

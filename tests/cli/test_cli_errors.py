@@ -53,7 +53,7 @@ def ws(prepared, tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     step = ws / "run" / "checkpoints" / "step-00000002"
     shutil.copytree(step, ws / "flipped" / "step-00000002")
-    victim = ws / "flipped" / "step-00000002" / "model" / "stage-000-of-001.safetensors"
+    victim = ws / "flipped" / "step-00000002" / "state" / "__0_0.distcp"
     blob = bytearray(victim.read_bytes())
     blob[-7] ^= 0x20
     victim.write_bytes(bytes(blob))

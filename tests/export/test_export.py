@@ -2,6 +2,7 @@
 checkpoint consolidation (ZeRO-1 and two-rank ZeRO-3), and the generate / eval commands."""
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -236,6 +237,18 @@ def trained(prepared, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def trained_gathered(prepared, tmp_path_factory):
+    """The same run as `trained`, writing the gathered format (full tensors per pipeline stage)."""
+    from test_train import run
+
+    data, _ = prepared
+    run_dir = tmp_path_factory.mktemp("export-gathered") / "run"
+    assert run(data, run_dir, steps=4, eval_every=4, eval_batches=2, ckpt_every=2,
+               **{"train.checkpoint_format": "gathered"}) == 0
+    return data, run_dir
+
+
+@pytest.fixture(scope="module")
 def trained_tp2_pp2(prepared, tmp_path_factory):
     """Four ranks: tensor parallel 2 x pipeline parallel 2 (ZeRO-1)."""
     from test_train import run
@@ -254,8 +267,12 @@ def _eval_loss(run_dir) -> float:
 
 
 @pytest.mark.slow
-def test_load_checkpoint_model_forms_and_exact_weights(trained):
+def test_load_checkpoint_model_forms_and_exact_weights(trained, trained_gathered):
+    """One reader for both formats: the sharded checkpoint (DCP boxes) and the gathered one (full
+    safetensors per stage) of the same run give the same weights, bit for bit."""
     from safetensors.torch import load_file
+
+    from h3pretrain.checkpoint import sharded
 
     _, run_dir = trained
     step = run_dir / "checkpoints" / "step-00000004"
@@ -265,8 +282,14 @@ def test_load_checkpoint_model_forms_and_exact_weights(trained):
         assert cfg2 == cfg and sd2.keys() == sd.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     assert cfg.model.d_model == 32 and cfg.train.steps == 4
     assert set(sd) == set(HybridLM(cfg.model).state_dict()) and all(v.dtype == torch.float32 for v in sd.values())
-    stored = load_file(step / "model" / "stage-000-of-001.safetensors")
+    assert sharded.is_sharded(step) and not (step / "model").exists()
+    assert sharded.stored_keys(step) == sorted([*sd, *(f"{k}::{m}" for k in sd for m in ("exp_avg", "exp_avg_sq"))])
+    gathered = trained_gathered[1] / "checkpoints" / "step-00000004"
+    stored = load_file(gathered / "model" / "stage-000-of-001.safetensors")
+    assert not sharded.is_sharded(gathered)
     assert stored.keys() == sd.keys() and all(torch.equal(sd[k], stored[k]) for k in sd)
+    _, sd_gathered = load_checkpoint_model(gathered)
+    assert sd_gathered.keys() == sd.keys() and all(torch.equal(sd[k], sd_gathered[k]) for k in sd)
     _, earlier = load_checkpoint_model(run_dir / "checkpoints" / "step-00000002")
     assert not torch.equal(earlier["backbone.ln_f.weight"], sd["backbone.ln_f.weight"])
 
@@ -280,16 +303,29 @@ def test_torn_or_malicious_checkpoints_are_refused(trained, tmp_path):
     with pytest.raises(ValueError, match="incomplete"):
         load_checkpoint_model(torn)
     (tmp_path / "manifest.json").rename(torn / "manifest.json")
-    # a weights file replaced by a pickle carrying code: refused (safetensors never unpickles)
+    # a tensor file or the metadata replaced by a pickle carrying code, the manifest rewritten to
+    # match: refused without running it (DCP reads tensors with weights_only, .metadata goes
+    # through a restricted unpickler)
+    import hashlib
+
     marker = tmp_path / "pwned"
-    victim = torn / "model" / "stage-000-of-001.safetensors"
-    torch.save({"weights": _Evil(str(marker))}, victim)
-    manifest = json.loads((torn / "manifest.json").read_text())
-    manifest["files"][str(victim.relative_to(torn))]["bytes"] = victim.stat().st_size
-    (torn / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(Exception):
-        load_checkpoint_model(torn)
-    assert not marker.exists()
+    for rel in ("state/__0_0.distcp", "state/.metadata"):
+        victim = torn / rel
+        saved, saved_manifest = victim.read_bytes(), (torn / "manifest.json").read_text()
+        if rel.endswith(".distcp"):
+            torch.save({"weights": _Evil(str(marker))}, victim)
+        else:
+            victim.write_bytes(pickle.dumps(_Evil(str(marker))))
+        manifest = json.loads((torn / "manifest.json").read_text())
+        manifest["files"][rel] = {"bytes": victim.stat().st_size, "sha256": hashlib.sha256(victim.read_bytes()).hexdigest()}
+        (torn / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(Exception) as caught:
+            load_checkpoint_model(torn)
+        assert not marker.exists(), rel
+        if rel == "state/.metadata":
+            assert "is not checkpoint metadata this program wrote" in str(caught.value)
+        victim.write_bytes(saved)
+        (torn / "manifest.json").write_text(saved_manifest)
 
 
 class _Evil:
@@ -368,8 +404,8 @@ def test_tp2_pp2_checkpoint_consolidates(trained_tp2_pp2, tmp_path):
     from h3pretrain.evaluate import evaluate_shards
 
     data, run_dir = trained_tp2_pp2
-    stored = sorted(p.name for p in (run_dir / "checkpoints" / "step-00000004" / "model").iterdir())
-    assert stored == ["stage-000-of-002.safetensors", "stage-001-of-002.safetensors"]
+    stored = sorted(p.name for p in (run_dir / "checkpoints" / "step-00000004" / "state").iterdir())
+    assert stored == [".metadata"] + [f"__{rank}_0.distcp" for rank in range(4)]  # every rank wrote its share
     cfg, sd = load_checkpoint_model(run_dir)
     assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
     model = model_from_state(cfg.model, sd)

@@ -3,7 +3,7 @@ one (TP, PP, CP, DP) layout on fixed random batches. The first TP/DP rank of eve
 stage's full gradients of each step and its final weights; rank 0 writes the losses.
 
     torchrun --nproc_per_node=N tests/parallel/parallel_probe.py OUT tp=2 pp=1 virtual_pp=1 cp=1 head_dim=1 zero=1 \
-        layers=3 compile=0 recompute=none [save=DIR | load=DIR]
+        layers=3 compile=0 recompute=none format=sharded [save=DIR | load=DIR]
 """
 import json
 import sys
@@ -15,7 +15,7 @@ import torch
 def main() -> None:
     out = Path(sys.argv[1])
     args = dict(tp="1", pp="1", virtual_pp="1", cp="1", head_dim="1", zero="1", layers="3", steps="3", sp="0", compile="0",
-                recompute="none")
+                recompute="none", format="sharded")
     args.update(a.split("=", 1) for a in sys.argv[2:])
     mode = "save" if "save" in args else "load" if "load" in args else ""
     ckpt = Path(args[mode]) if mode else None
@@ -31,7 +31,7 @@ def main() -> None:
                         embed_dropout=0.0, attn_dropout=0.0)
     train = TrainConfig(global_batch=8, micro_batch=2, lr=0.02, warmup_steps=2, steps=6, precision="fp32",
                         zero_stage=zero, seed=3, grad_clip=0.5, compile=args["compile"] == "1",
-                        recompute=args["recompute"])
+                        recompute=args["recompute"], checkpoint_format=args["format"])
     cfg = Config(model=model, train=train, parallel=ParallelConfig(tp=tp, pp=pp, virtual_pp=vpp, cp=cp,
                                                                     sequence_parallel=args["sp"] == "1"))
     seq = 16
@@ -61,7 +61,7 @@ def main() -> None:
     if mode == "save":
         ckpt.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
-        engine.save(ckpt)()
+        engine.save(ckpt)(None)
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "grad_norms.json").write_text(json.dumps(norms))

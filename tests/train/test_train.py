@@ -146,7 +146,7 @@ def test_exact_resume_after_sigkill_and_corrupt_latest(reference, tmp_path):
         proc.wait()
     # a torn write leaves a .tmp directory behind; now also corrupt the newest complete checkpoint
     latest = ckpts / (ckpts / "latest").read_text().strip()
-    victim = latest / "model" / "stage-000-of-001.safetensors"
+    victim = latest / "state" / "__0_0.distcp"
     victim.write_bytes(victim.read_bytes()[:-100])
     assert run(data, run_dir, **extra) == 0
     log = Path(str(run_dir) + ".log").read_text()
@@ -475,13 +475,15 @@ def test_a_rejected_config_does_not_replace_the_runs_config(prepared, tmp_path):
 
 SLOW_WRITES = """
 import sys, time
-from h3pretrain.checkpoint import canonical
-write_stage = canonical.write_stage
-def slow_write_stage(directory, *args, **kwargs):
-    if "step-00000004" in str(directory):
-        time.sleep(30)  # the background write of step 4 outlasts the rest of the run
-    return write_stage(directory, *args, **kwargs)
-canonical.write_stage = slow_write_stage
+from h3pretrain.checkpoint import canonical, sharded
+def slowed(write):
+    def slow_write(*args, **kwargs):
+        if any("step-00000004" in str(a) for a in args):
+            time.sleep(30)  # the background write of step 4 outlasts the rest of the run
+        return write(*args, **kwargs)
+    return slow_write
+sharded.write = slowed(sharded.write)
+canonical.write_stage = slowed(canonical.write_stage)
 from h3pretrain.cli import main
 sys.exit(main())
 """
