@@ -201,6 +201,16 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint_model, model_from_state, save_model_dir
+
+    _output_dir(args.out, "--out", lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file())
+    cfg, state = load_checkpoint_model(args.checkpoint)
+    out = save_model_dir(model_from_state(cfg.model, state, args.checkpoint), args.out)
+    print(f"consolidated {sum(t.numel() for t in state.values()):,} parameters -> {out / 'model.safetensors'}")
+    return 0
+
+
 def _spm_for(cfg, override: str | None):
     from data_prep.tokenizer import load_tokenizer
 
@@ -366,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", help="SentencePiece .model (default: the one in the run's data directory)")
     p.set_defaults(func=_export_hf)
+
+    p = sub.add_parser("consolidate", help="training checkpoint (any format, any layout) -> one model.safetensors "
+                                          "+ config.json (a model directory)")
+    p.add_argument("--checkpoint", required=True, help="run dir, its checkpoints/ dir or a step-NNNNNNNN dir")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_consolidate)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint (recurrent H3 generation, streamed)")
     p.add_argument("--checkpoint", required=True, help="as for export-hf")

@@ -241,8 +241,9 @@ def collect_owned(models: list[nn.Module], tp_rank: int, tp: int) -> dict[str, P
             part = owned(p, key)
             if part is not None and part[1].numel():
                 start, flat = part
-                state[name if key is None else f"{name}::{key}"] = _entry(
-                    p, flat.detach().to("cpu", dtype=torch.float32, copy=True), start, tp_rank, tp)
+                pieces = [(offsets, box.detach().to("cpu", torch.float32, copy=True).contiguous())  # own storage each
+                          for offsets, box in boxes(p, flat, start, tp_rank, tp)]
+                state[name if key is None else f"{name}::{key}"] = Pieces(full_shape(p, tp), torch.float32, pieces)
     return state
 
 

@@ -195,7 +195,8 @@ class TrainingEngine:
     def num_parameters(self) -> int:
         """Parameters of the whole model (all stages and shards), counted once."""
         layout = self.layout
-        local = sum(p.numel() if not canonical.is_tp_sharded(p) else p.numel() * layout.tp
+        numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 keeps a parameter's size aside
+        local = sum(numel(p) if not canonical.is_tp_sharded(p) else numel(p) * layout.tp
                     for _, p in canonical.named_params(self.models) if not getattr(p, "ds_pipe_replicated", False))
         t = torch.tensor([local if layout.speaks_for_stage else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(t)

@@ -154,6 +154,10 @@ CASES = [
     ("slurm resume {ws}/nowhere", "nowhere"),
     ("slurm resume {ws}/norun", "norun"),
     ("slurm status {ws}/nowhere", "nowhere"),
+    # consolidate
+    ("consolidate --checkpoint {ws}/nowhere --out {ws}/out", "nowhere"),
+    ("consolidate --checkpoint {ws}/flipped/step-00000002 --out {ws}/out", "sha256"),
+    ("consolidate --checkpoint {ws}/run --out {ws}/data", "data"),
     # export-hf
     ("export-hf --checkpoint {ws}/nowhere --out {ws}/out", "nowhere"),
     ("export-hf --checkpoint {ws}/norun --out {ws}/out", "norun"),

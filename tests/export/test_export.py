@@ -413,6 +413,10 @@ def test_tp2_pp2_checkpoint_consolidates(trained_tp2_pp2, tmp_path):
     result = evaluate_shards(model, str(data), batch_size=4, max_batches=2)
     print(f"TP2·PP2 consolidated: eval {result['loss']!r} vs the run's {_eval_loss(run_dir)!r}")
     assert result["loss"] == pytest.approx(_eval_loss(run_dir), rel=1e-5)
+    # consolidated to one safetensors file: the same tensors, bit for bit
+    assert main(["consolidate", "--checkpoint", str(run_dir), "--out", str(tmp_path / "one")]) == 0
+    _, one = load_model_source(tmp_path / "one")
+    assert one.keys() == sd.keys() and all(torch.equal(one[k], sd[k]) for k in sd)
     export_hf(cfg.model, sd, tmp_path / "hf")
     ids = torch.randint(0, cfg.model.vocab_size, (2, 33))
     with torch.no_grad():

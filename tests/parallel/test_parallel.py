@@ -102,20 +102,34 @@ def test_layout_matches_one_process(one_process, tmp_path, layout):
                                    msg=lambda m, name=name: f"{layout} {name}: {m}")
 
 
-@pytest.mark.parametrize("first,second", [
-    ((4, dict(tp=2, pp=2)), (4, dict())),  # TP2·PP2 -> TP1·PP1·DP4
-    ((4, dict()), (4, dict(tp=2, pp=2))),  # and back
-    ((2, dict(pp=2, zero=1)), (2, dict(zero=3))),  # PP2 ZeRO-1 -> DP2 ZeRO-3
-    ((4, dict(tp=2, cp=2)), (2, dict(cp=2, zero=3))),  # TP2·CP2 -> CP2 ZeRO-3
+@pytest.mark.parametrize("first,second,fmt", [
+    ((4, dict(tp=2, pp=2)), (4, dict()), "sharded"),  # TP2·PP2 -> TP1·PP1·DP4
+    ((4, dict()), (4, dict(tp=2, pp=2)), "sharded"),  # and back
+    ((2, dict(pp=2, zero=1)), (2, dict(zero=3)), "sharded"),  # PP2 ZeRO-1 -> DP2 ZeRO-3
+    ((4, dict(tp=2, cp=2)), (2, dict(cp=2, zero=3)), "sharded"),  # TP2·CP2 -> CP2 ZeRO-3
+    ((2, dict(zero=3)), (4, dict(tp=2, zero=2)), "sharded"),  # DP2 ZeRO-3 -> TP2·DP2 ZeRO-2
+    ((4, dict(tp=2, pp=2)), (4, dict()), "gathered"),  # the earlier format still resumes
+    ((2, dict(pp=2, zero=1)), (2, dict(zero=3)), "gathered"),
 ])
-def test_checkpoint_reshards_across_layouts(one_process, tmp_path, first, second):
+def test_checkpoint_reshards_across_layouts(one_process, tmp_path, first, second, fmt):
+    """Saved after 3 steps under one layout, resumed under another: the losses of steps 4-6 are
+    those of one process's uninterrupted run. A sharded checkpoint is every rank's own file (its
+    ZeRO partition of its TP / PP piece), and reading it whole gives the writer's full tensors."""
+    from h3pretrain.checkpoint import sharded
+
     ckpt = tmp_path / "ckpt"
-    probe(tmp_path / "a", first[0], head_dim=1, save=ckpt, **first[1])
+    written = probe(tmp_path / "a", first[0], head_dim=1, save=ckpt, format=fmt, **first[1])
     resumed = probe(tmp_path / "b", second[0], head_dim=1, load=ckpt, steps=6, **second[1])
     assert losses(resumed) == pytest.approx(losses(one_process["6-steps"])[3:], rel=1e-5)
-    files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*.safetensors"))
     pp = first[1].get("pp", 1)
-    assert files == [f"{kind}/stage-{s:03d}-of-{pp:03d}.safetensors" for kind in ("model", "optim") for s in range(pp)]
+    if fmt == "gathered":
+        files = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*.safetensors"))
+        assert files == [f"{kind}/stage-{s:03d}-of-{pp:03d}.safetensors" for kind in ("model", "optim") for s in range(pp)]
+        return
+    assert sorted(p.name for p in (ckpt / "state").iterdir()) == [".metadata"] + [
+        f"__{rank}_0.distcp" for rank in range(first[0])]
+    full = sharded.read_full(ckpt)
+    assert_same_tensors(stage_files(written, "final-stage*.pt"), full, 0.0, "read whole")
 
 
 def test_partition_balances_cost_and_keeps_order():
