@@ -2,8 +2,10 @@
 
 - manager: training checkpoints, one `step-NNNNNNNN/` directory each (atomic write, manifest with
   sizes and sha256, verification, choice of the one to resume from, pruning);
-- canonical: the layout-independent tensors inside them (gathered from and scattered to any
-  TP / PP / ZeRO layout), the per-stage files, the LR schedule file;
+- sharded: the default tensor format, every rank's own share through PyTorch DCP, read back under
+  any layout;
+- canonical: the layout-independent full tensors (gathered from and scattered to any TP / PP /
+  ZeRO layout), the gathered format's per-stage files, the LR schedule file;
 - reader: a checkpoint or a model directory -> (Config, full state dict) for export, generation
   and evaluation, verified before anything is loaded;
 - model_dir: `model.safetensors` + `config.json` (what `import-h3` writes).

@@ -4,8 +4,9 @@ as in HybridLM.state_dict(), whatever the TP / PP / ZeRO layout that holds them.
 ZeRO shards are assembled and set with DeepSpeed's own accessors (deepspeed.utils
 safe_get/set_full_fp32_param and *_optimizer_state); tensor-parallel shards are gathered over the
 TP group and cut with megatron's attributes (`tensor_model_parallel`, `partition_dim`) plus ours
-(`tp_fused`: blocks sharded separately, e.g. Wqkv's q, k, v). Checkpoints store these tensors
-(one safetensors file per pipeline stage), so they resume under any other layout.
+(`tp_fused`: blocks sharded separately, e.g. Wqkv's q, k, v). The gathered checkpoint format stores
+these tensors (one safetensors file per pipeline stage); the sharded format
+(h3pretrain.checkpoint.sharded) stores the same tensors as boxes, each written by the rank owning it.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
     run_dir/checkpoints/
         step-00000100/
-            model/stage-000-of-002.safetensors   full (unsharded) fp32 weights, one file per pipeline stage
-            optim/stage-000-of-002.safetensors   Adam exp_avg / exp_avg_sq as `name::exp_avg`, likewise
+            state/__R_0.distcp, state/.metadata   sharded: each rank's own share (h3pretrain.checkpoint.sharded)
+            (or model/, optim/ stage-PPP-of-NNN.safetensors: gathered, h3pretrain.checkpoint.canonical)
             lr_scheduler.pt          LR schedule state
             rng/rank-00000.pt        torch CPU/CUDA RNG states per rank (tensors only)
             trainer_state.json       step (= Adam's step count), tokens seen, data-loader position, layout, config
@@ -15,8 +15,8 @@
 A directory is complete only if its manifest exists and every file matches it; `find_resumable`
 walks from the newest step down and skips anything torn, with a warning. Pruning keeps the
 `keep_last` newest good checkpoints, and always the one just written.
-The tensors are layout-independent (h3pretrain.checkpoint.canonical): a checkpoint written under one
-TP x PP x DP layout and ZeRO stage resumes under any other. Every torch.load runs with weights_only=True.
+In both formats the tensors are layout-independent: a checkpoint written under one TP x PP x DP
+layout and ZeRO stage resumes under any other. Every torch.load runs with weights_only=True.
 """
 from __future__ import annotations
 

@@ -241,10 +241,22 @@ def collect_owned(models: list[nn.Module], tp_rank: int, tp: int) -> dict[str, P
             part = owned(p, key)
             if part is not None and part[1].numel():
                 start, flat = part
-                pieces = [(offsets, box.detach().to("cpu", torch.float32, copy=True).contiguous())  # own storage each
-                          for offsets, box in boxes(p, flat, start, tp_rank, tp)]
+                pieces = [(offsets, _to_host(box)) for offsets, box in boxes(p, flat, start, tp_rank, tp)]
                 state[name if key is None else f"{name}::{key}"] = Pieces(full_shape(p, tp), torch.float32, pieces)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the copies into pinned memory have landed
     return state
+
+
+def _to_host(box: torch.Tensor) -> torch.Tensor:
+    """A contiguous fp32 copy in host memory with a storage of its own (DCP writes whole storages);
+    from a GPU into pinned memory, without waiting per tensor."""
+    box = box.detach()
+    if box.is_cuda:
+        out = torch.empty(box.shape, dtype=torch.float32, pin_memory=True)
+        out.copy_(box, non_blocking=True)
+        return out
+    return box.to("cpu", torch.float32, copy=True).contiguous()
 
 
 def write(state: dict[str, Pieces], directory: Path, group) -> list[Path]:
