@@ -32,13 +32,19 @@ def _import_h3(args: argparse.Namespace) -> int:
     from .checkpoint import is_model_dir, save_model_dir
 
     _output_dir(args.out, "--out", is_model_dir)
-    cfg = apply_overrides(preset(args.preset), [f"{kv}" for kv in args.set])
+    overrides = []
+    for item in args.set:  # model.KEY=VALUE (the form --help shows) or KEY=VALUE
+        key = item.split("=", 1)[0]
+        if "." in key and not key.startswith("model."):
+            raise UserError(f"--set {item}: import-h3 sets model fields only (model.KEY=VALUE)")
+        overrides.append(item[len("model."):] if key.startswith("model.") else item)
+    cfg = apply_overrides(preset(args.preset), overrides)
     print(f"reading {args.checkpoint}", flush=True)
     state = load_file(args.checkpoint)
     with torch.device("meta"):
         model = HybridLM(cfg)
     try:
-        model.load_official_state_dict(state)
+        model.load_official_state_dict(state, args.layout)
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{args.checkpoint} (preset {args.preset}): {err}") from None
     out = save_model_dir(model, args.out)
@@ -322,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, help="model shape: 125m, 355m, 1.3b, 2.7b")
     p.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
     p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
-                   help="override a model field, e.g. --set attn_rotary_dim=64 (repeatable)")
+                   help="override a model field, e.g. --set model.attn_rotary_dim=64 (repeatable)")
+    p.add_argument("--layout", choices=["cuda", "pytorch"], default="cuda",
+                   help="H3 output channel order of the file when head_dim > 1: cuda (default; the official "
+                        "fftconv path, h*head_dim + d2) or pytorch (the official PyTorch path, d2*H + h); "
+                        "head_dim 1 is the same either way")
     p.set_defaults(func=_import_h3)
 
     p = sub.add_parser("prep", help="Pile-format text -> tokenizer + webdataset token shards (resumable)")

@@ -172,7 +172,9 @@ class HybridLM(nn.Module):
 
         return to_official(self.state_dict())
 
-    def load_official_state_dict(self, state_dict: dict) -> None:
+    def load_official_state_dict(self, state_dict: dict, layout: str = "cuda") -> None:
+        """A released (official-code) state dict; `layout`: its H3 output channel order, "cuda"
+        (the fftconv path's and ours) or "pytorch" (see h3pretrain.model.released)."""
         from .released import load_official
 
-        load_official(self, state_dict)
+        load_official(self, state_dict, layout)

@@ -6,9 +6,15 @@ Accepted input forms:
   - PyTorch-Lightning files: {"state_dict": {"model.<name>": ...}, ...};
   - the 2.7B rotary file's `...mixer.rotary_emb.inv_freq` buffers (recomputed, so dropped).
 Loading is strict: every missing, unexpected or mis-shaped key is reported in one error.
+
+Output channel order with head_dim > 1: the official CUDA fftconv path (and this project) flattens
+an H3 layer's output as channel h·head_dim + d2, the official PyTorch path as d2·H + h. A
+checkpoint trained with the PyTorch path is imported with layout "pytorch", which reorders the
+input columns of each H3 `output_linear` (nothing else differs). With head_dim 1 both are the same.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -19,6 +25,15 @@ from ..errors import InputFileError, UserError
 _RENAMES = ((".mixer.ssm_k_kernel.kernel.", ".mixer.shift_kernel."), (".mixer.kernel.kernel.", ".mixer.diag_kernel."))
 EMBEDDING_KEY = "backbone.embeddings.word_embeddings.weight"
 HEAD_KEY = "lm_head.weight"
+
+
+# Plain config objects a Lightning `.ckpt` may hold besides tensors, allowed to torch.load's
+# weights_only unpickler as data: argparse.Namespace, and Lightning's AttributeDict read as a plain
+# dict (Lightning need not be installed; no code of theirs runs).
+_PLAIN_CONFIG_CLASSES = [argparse.Namespace] + [
+    (dict, name) for name in ("pytorch_lightning.utilities.parsing.AttributeDict",
+                              "lightning.fabric.utilities.data.AttributeDict",
+                              "lightning_fabric.utilities.data.AttributeDict")]
 
 
 class CheckpointMismatchError(UserError):
@@ -82,8 +97,27 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], what: str = 
         raise CheckpointMismatchError(f"{what} does not fit the model\n  " + "\n  ".join(problems))
 
 
-def load_official(model: nn.Module, state_dict: dict) -> None:
-    sd = from_official(state_dict)
+OUTPUT_LAYOUTS = ("cuda", "pytorch")
+DEFAULT_OUTPUT_LAYOUT = "cuda"
+
+
+def to_our_output_layout(sd: dict[str, torch.Tensor], layout: str, head_dim: int) -> dict[str, torch.Tensor]:
+    """Each H3 layer's output_linear with its input columns in channel order h·head_dim + d2."""
+    if layout not in OUTPUT_LAYOUTS:
+        raise UserError(f"output layout {layout!r}: expected one of {', '.join(OUTPUT_LAYOUTS)}")
+    if layout == "cuda" or head_dim == 1:
+        return sd
+    out = dict(sd)
+    for key, w in sd.items():
+        if key.endswith(".mixer.output_linear.weight"):
+            rows, channels = w.shape
+            # column d2·H + h -> column h·head_dim + d2
+            out[key] = w.reshape(rows, head_dim, channels // head_dim).transpose(1, 2).reshape(rows, channels)
+    return out
+
+
+def load_official(model: nn.Module, state_dict: dict, layout: str = DEFAULT_OUTPUT_LAYOUT) -> None:
+    sd = to_our_output_layout(from_official(state_dict), layout, model.config.ssm_head_dim)
     check_state_dict(model, sd, "released checkpoint")
     params = model.state_dict()
     sd = {k: v.to(params[k].dtype) for k, v in sd.items()}
@@ -105,12 +139,13 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
         except SafetensorError as err:
             raise CheckpointMismatchError(f"{path} is not a safetensors file ({err})") from None
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+        with torch.serialization.safe_globals(_PLAIN_CONFIG_CLASSES):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except Exception as err:  # noqa: BLE001 - reported with the reason
         raise CheckpointMismatchError(
             f"{path} could not be read as tensors only (weights_only=True refuses pickled code and "
