@@ -29,7 +29,7 @@ import webdataset as wds
 
 from .reader import ReadProblem, file_fingerprint, find_inputs, iter_records, parse_record
 from .workers import init_worker, process_batch
-from .tokenizer import EOS_ID, MIN_VOCAB, TokenizerTrainingError, load_tokenizer, sha256_file, train_tokenizer
+from .tokenizer import MIN_VOCAB, TokenizerTrainingError, load_tokenizer, sha256_file, train_tokenizer
 from h3pretrain.errors import UserError
 
 log = logging.getLogger("h3pretrain.prep")
@@ -49,7 +49,7 @@ class PrepSettings:
     out: str
     seq_len: int = 2048
     vocab_size: int = 32000
-    tokenizer: str | None = None  # an existing SentencePiece .model; else one is trained
+    tokenizer: str | None = None  # an existing SentencePiece .model or tokenizer.json (or its directory); else one is trained
     tokenizer_sample_mb: float = 200.0
     val_fraction: float = 0.005
     samples_per_shard: int = 8192
@@ -71,9 +71,10 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 class Packer:
     """Cuts one split's token stream into samples and writes finished shards."""
 
-    def __init__(self, split: str, out: Path, sample_tokens: int, samples_per_shard: int, dtype: np.dtype):
+    def __init__(self, split: str, out: Path, sample_tokens: int, samples_per_shard: int, dtype: np.dtype,
+                 eos_id: int):
         self.split, self.out, self.sample_tokens = split, out, sample_tokens
-        self.samples_per_shard, self.dtype = samples_per_shard, dtype
+        self.samples_per_shard, self.dtype, self.eos_id = samples_per_shard, dtype, eos_id
         self.pending: list[np.ndarray] = []
         self.pending_len = 0
         self.shards: list[dict] = []
@@ -120,7 +121,7 @@ class Packer:
         tmp.write_bytes(data)
         os.replace(tmp, self.out / name)
         self.shards.append({"name": name, "samples": n_samples, "tokens": int(take.size),
-                            "documents": int((take == EOS_ID).sum()), "bytes": len(data),
+                            "documents": int((take == self.eos_id).sum()), "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()})
 
 
@@ -213,8 +214,9 @@ def validate(settings: PrepSettings) -> list[Path]:
     out = Path(s.out)
     if out.exists() and not out.is_dir():
         raise PrepError(f"--out {out}: exists and is not a directory")
-    if s.tokenizer and not Path(s.tokenizer).is_file():
-        raise PrepError(f"--tokenizer {s.tokenizer}: no such file")
+    if s.tokenizer and not (Path(s.tokenizer).is_file() or Path(s.tokenizer).is_dir()):
+        raise PrepError(f"--tokenizer {s.tokenizer}: no such file (a SentencePiece .model, a tokenizer.json or a "
+                        "directory holding one)")
     files = find_inputs(s.inputs)  # errors on a missing path or an unsupported file
     if out.resolve() in [p for f in files for p in f.parents]:
         raise PrepError(f"--out {out}: is inside the inputs ({', '.join(s.inputs)})")
@@ -244,10 +246,11 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
     files = validate(settings)
     out = Path(settings.out)
     tok_path = out / "tokenizer.model"
-    given_sha = None
+    given, given_sha = None, None
     if settings.tokenizer:
-        load_tokenizer(settings.tokenizer)  # refuses a file that is not a SentencePiece model
-        given_sha = sha256_file(settings.tokenizer)
+        given = load_tokenizer(settings.tokenizer)  # refuses a file that is neither kind of tokenizer
+        given_sha = sha256_file(given.path)
+        tok_path = out / given.file_name
     fingerprint = _fingerprint(settings, files, given_sha)
     recorded = out / "prep.json"
     created = created_dir = False
@@ -280,10 +283,14 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
     # tokenizer
     for stale in out.glob("spm-*"):  # a training killed mid-way
         shutil.rmtree(stale, ignore_errors=True)
-    if settings.tokenizer:
-        if not tok_path.exists() or sha256_file(tok_path) != given_sha:
-            shutil.copyfile(settings.tokenizer, str(tok_path) + ".tmp")
-            os.replace(str(tok_path) + ".tmp", tok_path)
+    if given is not None:  # copied in, with a tokenizer_config.json beside it (it may name the EOS / BOS)
+        copies = [(given.path, tok_path)]
+        if given.kind == "huggingface" and given.path.with_name("tokenizer_config.json").is_file():
+            copies.append((given.path.with_name("tokenizer_config.json"), out / "tokenizer_config.json"))
+        for src, dst in copies:
+            if not dst.exists() or sha256_file(dst) != sha256_file(src):
+                shutil.copyfile(src, str(dst) + ".tmp")
+                os.replace(str(dst) + ".tmp", dst)
     elif not tok_path.exists():
         t0 = time.time()
         log.info("training a %d-token BPE tokenizer on up to %.0f MB of documents", settings.vocab_size,
@@ -300,11 +307,11 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
                 raise PrepError(f"no valid document in {', '.join(settings.inputs)} to train the tokenizer on") from None
             raise PrepError(f"--vocab-size {settings.vocab_size}: {err}") from None
         log.info("tokenizer trained in %.1f s -> %s", time.time() - t0, tok_path)
-    sp = load_tokenizer(tok_path)
-    vocab = sp.vocab_size()
+    tok = load_tokenizer(tok_path)
+    vocab = tok.vocab_size
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     sample_tokens = settings.seq_len + 1
-    packers = {s: Packer(s, out, sample_tokens, settings.samples_per_shard, dtype) for s in SPLITS}
+    packers = {s: Packer(s, out, sample_tokens, settings.samples_per_shard, dtype, tok.eos_id) for s in SPLITS}
 
     # resume
     state_dir = out / STATE_DIR
@@ -365,8 +372,7 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
             yield batch
 
     ctx = get_context("spawn")  # fork after torch/threads is unsafe; spawn is the same everywhere
-    model_bytes = tok_path.read_bytes()
-    with ctx.Pool(settings.workers, initializer=init_worker, initargs=(model_bytes,)) as pool:
+    with ctx.Pool(settings.workers, initializer=init_worker, initargs=(tok.kind, tok_path.read_bytes())) as pool:
         in_flight: deque = deque()
         source = batches()
         exhausted = False
@@ -395,7 +401,7 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
                     continue
                 split = "val" if is_val else "train"
                 if last_piece:
-                    tokens = np.append(tokens, np.uint32(EOS_ID))
+                    tokens = np.append(tokens, np.uint32(tok.eos_id))
                     stats["documents"][split] += 1
                     docs_done += 1
                 tokens_done += len(tokens)
@@ -420,8 +426,8 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
         "seq_len": settings.seq_len,
         "sample_tokens": sample_tokens,
         "dtype": dtype.name,
-        "eos_id": EOS_ID,
-        "tokenizer": {"file": tok_path.name, "sha256": sha256_file(tok_path), "vocab_size": vocab},
+        "eos_id": tok.eos_id,
+        "tokenizer": {"file": tok_path.name, "kind": tok.kind, "sha256": sha256_file(tok_path), "vocab_size": vocab},
         "val_fraction": settings.val_fraction,
         "pile_sets": sorted(settings.pile_sets) if settings.pile_sets else None,
         "inputs": [{**file_fingerprint(f), "records_read": stats["records"][i],

@@ -1,11 +1,13 @@
-"""SentencePiece BPE tokenizer: train on a sample of documents, or load an existing model.
+"""Tokenizers: a SentencePiece BPE trained on a sample of documents, or an existing SentencePiece
+`.model` or Hugging Face `tokenizer.json` (e.g. GPT-2's byte-level BPE), behind one interface.
 
-Lossless by construction: identity normalisation, no dummy prefix, whitespace kept, byte fallback,
-so decode(encode(text)) == text for any UTF-8 text.
+The trained model is lossless by construction: identity normalisation, no dummy prefix, whitespace
+kept, byte fallback, so decode(encode(text)) == text for any UTF-8 text.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -91,11 +93,124 @@ def _train(docs: Iterable[str], tmp_prefix: str, vocab_size: int, threads: int) 
     )
 
 
-def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
-    path = Path(path)
-    if not path.is_file():
-        raise InputFileError(f"tokenizer model not found: {path}")
+# ---- one interface for SentencePiece models and Hugging Face tokenizer.json files -------------
+
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "[EOS]", "<|end_of_text|>")
+BOS_NAMES = ("<s>", "<bos>", "[BOS]", "<|begin_of_text|>", "<|endoftext|>")
+
+
+class Tokenizer:
+    """What prep, training, generation and export need of a tokenizer: encode without adding
+    special tokens, decode, the vocabulary size and the end-of-document (EOS) and BOS ids."""
+
+    kind: str  # "sentencepiece" or "huggingface"
+    file_name: str  # its name in a prepared data directory
+    path: Path
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind, file_name = "sentencepiece", "tokenizer.model"
+
+    def __init__(self, path: Path, model_bytes: bytes | None = None):
+        self.path = Path(path)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_bytes) if model_bytes is not None else \
+                spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as err:
+            raise InputFileError(f"{path} is not a SentencePiece model ({str(err).strip()[:120]})") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        if self.eos_id < 0:
+            raise InputFileError(f"{path}: the SentencePiece model has no end-of-sequence piece")
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+class HFTokenizer(Tokenizer):
+    """A `tokenizers` tokenizer.json (e.g. GPT-2's byte-level BPE). EOS / BOS: the ones its
+    tokenizer_config.json names when it sits beside one, else its special token of a known name."""
+
+    kind, file_name = "huggingface", "tokenizer.json"
+
+    def __init__(self, path: Path, text: str | None = None, specials: dict | None = None):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.path = Path(path)
+        try:
+            self.tok = RustTokenizer.from_str(text if text is not None else self.path.read_text(encoding="utf-8"))
+        except Exception as err:  # noqa: BLE001 - the library's own message names the problem
+            raise InputFileError(f"{path} is not a Hugging Face tokenizer.json ({str(err).strip()[:120]})") from None
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        vocab = self.tok.get_vocab(with_added_tokens=True)
+        specials = specials if specials is not None else _named_specials(self.path.parent / "tokenizer_config.json")
+        self.eos_id = _special_id(vocab, specials.get("eos_token"), EOS_NAMES)
+        self.bos_id = _special_id(vocab, specials.get("bos_token"), BOS_NAMES)
+        if self.eos_id is None:
+            raise InputFileError(f"{path}: no end-of-text token (none of {', '.join(EOS_NAMES)}, and no eos_token in a "
+                                 "tokenizer_config.json beside it)")
+        self.specials = {"eos_token": self.tok.id_to_token(self.eos_id),
+                         "bos_token": self.tok.id_to_token(self.bos_id) if self.bos_id is not None else None}
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _named_specials(config: Path) -> dict:
+    if not config.is_file():
+        return {}
     try:
-        return spm.SentencePieceProcessor(model_file=str(path))
-    except (RuntimeError, OSError) as err:
-        raise InputFileError(f"{path} is not a SentencePiece model ({str(err).strip()[:120]})") from None
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InputFileError(f"{config} is not JSON ({err})") from None
+    out = {}
+    for key in ("eos_token", "bos_token"):
+        value = data.get(key)
+        out[key] = value.get("content") if isinstance(value, dict) else value
+    return out
+
+
+def _special_id(vocab: dict[str, int], named: str | None, candidates: tuple[str, ...]) -> int | None:
+    if named:
+        return vocab.get(named)
+    return next((vocab[name] for name in candidates if name in vocab), None)
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer file a path names: a .model / tokenizer.json file, or a directory with one."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (HFTokenizer.file_name, SentencePieceTokenizer.file_name):
+            if (path / name).is_file():
+                return path / name
+        raise InputFileError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+    if not path.is_file():
+        raise InputFileError(f"tokenizer not found: {path}")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A SentencePiece `.model` or a Hugging Face `tokenizer.json` (or a directory holding one)."""
+    path = tokenizer_file(path)
+    if path.suffix == ".json":
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)

@@ -1,19 +1,30 @@
 """Tokenizer worker processes. Kept free of heavy imports: each worker is a fresh (spawned)
-interpreter, and this module is all it imports besides numpy, sentencepiece and the reader."""
+interpreter, and this module is all it imports besides numpy, the tokenizer library and the reader."""
 from __future__ import annotations
 
 import numpy as np
 
 from .reader import ReadProblem, parse_record
 
-_SP = None
+_ENCODE = None
 
 
-def init_worker(model_bytes: bytes) -> None:
-    import sentencepiece as spm
+def init_worker(kind: str, model_bytes: bytes) -> None:
+    """kind: "sentencepiece" (model_bytes: the .model) or "huggingface" (a tokenizer.json)."""
+    global _ENCODE
+    if kind == "sentencepiece":
+        import sentencepiece as spm
 
-    global _SP
-    _SP = spm.SentencePieceProcessor(model_proto=model_bytes)
+        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        _ENCODE = lambda texts: sp.encode(texts, num_threads=1)  # noqa: E731
+    else:
+        import os
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker, as with SentencePiece
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(model_bytes.decode("utf-8"))
+        _ENCODE = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
 
 
 def process_batch(batch: list, val_fraction: float, sets: frozenset | None) -> list:
@@ -31,6 +42,6 @@ def process_batch(batch: list, val_fraction: float, sets: frozenset | None) -> l
             texts.append(parsed.text)
             slots.append(len(out) - 1)
     if texts:
-        for slot, ids in zip(slots, _SP.encode(texts, num_threads=1)):
+        for slot, ids in zip(slots, _ENCODE(texts)):
             out[slot][5] = np.asarray(ids, dtype=np.uint32)
     return [tuple(r) for r in out]

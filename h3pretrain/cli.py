@@ -47,8 +47,23 @@ def _import_h3(args: argparse.Namespace) -> int:
         model.load_official_state_dict(state, args.layout)
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{args.checkpoint} (preset {args.preset}): {err}") from None
+    tok = None
+    if args.tokenizer:
+        from data_prep.tokenizer import load_tokenizer
+
+        from .data.tokenizer import check_tokenizer_vocab
+
+        tok = load_tokenizer(args.tokenizer)
+        check_tokenizer_vocab(cfg, tok.vocab_size, f"--tokenizer {tok.path}")
     out = save_model_dir(model, args.out)
-    print(f"imported {model.num_parameters():,} parameters ({args.preset}) -> {out}")
+    if tok is not None:  # kept beside the model: export-hf and generate find it there
+        import shutil
+
+        shutil.copyfile(tok.path, out / tok.file_name)
+        if tok.kind == "huggingface" and tok.path.with_name("tokenizer_config.json").is_file():
+            shutil.copyfile(tok.path.with_name("tokenizer_config.json"), out / "tokenizer_config.json")
+    print(f"imported {model.num_parameters():,} parameters ({args.preset}) -> {out}"
+          + (f", tokenizer {tok.path.name}" if tok else ""))
     return 0
 
 
@@ -197,7 +212,7 @@ def _export_hf(args: argparse.Namespace) -> int:
 
     _output_dir(args.out, "--out", lambda p: (p / "config.json").is_file() and (p / "model.safetensors").is_file())
     cfg, state = load_model_source(args.checkpoint)
-    tokenizer = find_tokenizer(cfg, args.tokenizer)
+    tokenizer = find_tokenizer(cfg, args.tokenizer, args.checkpoint)
     if tokenizer is None:
         print(f"warning: no tokenizer found (no {cfg.data.path}/manifest.json, no --tokenizer): exporting the "
               "model without tokenizer files", file=sys.stderr)
@@ -217,17 +232,18 @@ def _consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _spm_for(cfg, override: str | None):
+def _tokenizer_for(cfg, override: str | None, source: str):
     from data_prep.tokenizer import load_tokenizer
 
     from .data.tokenizer import check_tokenizer_vocab, find_tokenizer
 
-    path = find_tokenizer(cfg, override)
+    path = find_tokenizer(cfg, override, source)
     if path is None:
-        raise InputFileError(f"no tokenizer: {cfg.data.path}/manifest.json does not exist; pass --tokenizer")
-    sp = load_tokenizer(path)
-    check_tokenizer_vocab(cfg.model, sp.get_piece_size(), str(path))
-    return sp
+        raise InputFileError(f"no tokenizer: {cfg.data.path}/manifest.json does not exist and {source} holds none; "
+                             "pass --tokenizer (a SentencePiece .model or a tokenizer.json)")
+    tok = load_tokenizer(path)
+    check_tokenizer_vocab(cfg.model, tok.vocab_size, str(path))
+    return tok
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -251,15 +267,15 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompt:
         raise UserError("--prompt is empty")
     cfg, model = load_model(args.checkpoint, device)
-    sp = _spm_for(cfg, args.tokenizer)
-    ids = sp.encode(prompt)
+    tok = _tokenizer_for(cfg, args.tokenizer, args.checkpoint)
+    ids = tok.encode(prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(prompt)
-    stream = TextStream(sp.decode, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    stream = TextStream(tok.decode, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     with autocast:
         generate(model, torch.tensor([ids], device=device), args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, eos_id=None if args.ignore_eos else sp.eos_id(),
+                 top_k=args.top_k, top_p=args.top_p, eos_id=None if args.ignore_eos else tok.eos_id,
                  generator=generator, on_token=stream, cuda_graph=args.cuda_graph)
     stream.flush()
     sys.stdout.write("\n")
@@ -329,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (model.safetensors + config.json)")
     p.add_argument("--set", action="append", default=[], metavar="model.KEY=VALUE",
                    help="override a model field, e.g. --set model.attn_rotary_dim=64 (repeatable)")
+    p.add_argument("--tokenizer", help="the model's tokenizer, kept beside it: a tokenizer.json (e.g. GPT-2's, which "
+                                       "the released models use), a SentencePiece .model, or a directory holding one")
     p.add_argument("--layout", choices=["cuda", "pytorch"], default="cuda",
                    help="H3 output channel order of the file when head_dim > 1: cuda (default; the official "
                         "fftconv path, h*head_dim + d2) or pytorch (the official PyTorch path, d2*H + h); "
@@ -340,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (shards, manifest.json, tokenizer.model)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (+1 stored for the target)")
     p.add_argument("--vocab-size", type=int, default=32000, help="BPE vocabulary size when training one")
-    p.add_argument("--tokenizer", help="use this SentencePiece .model instead of training one")
+    p.add_argument("--tokenizer", help="use this tokenizer instead of training one: a SentencePiece .model, a Hugging "
+                                       "Face tokenizer.json (e.g. GPT-2's) or a directory holding one")
     p.add_argument("--tokenizer-sample-mb", type=float, default=200.0, help="text to train the tokenizer on")
     p.add_argument("--val-fraction", type=float, default=0.005, help="documents hashed into the val split")
     p.add_argument("--samples-per-shard", type=int, default=8192)
@@ -384,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="run dir, its checkpoints/ dir, a step-NNNNNNNN dir, or an import-h3 model dir")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", help="SentencePiece .model (default: the one in the run's data directory)")
+    p.add_argument("--tokenizer", help="SentencePiece .model or tokenizer.json (default: the one beside the model or "
+                                       "in the run's data directory)")
     p.set_defaults(func=_export_hf)
 
     p = sub.add_parser("consolidate", help="training checkpoint (any format, any layout) -> one model.safetensors "
@@ -402,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true", help="keep going after the end-of-document token")
-    p.add_argument("--tokenizer", help="SentencePiece .model (default: the one in the run's data directory)")
+    p.add_argument("--tokenizer", help="SentencePiece .model or tokenizer.json (default: the one beside the model or "
+                                       "in the run's data directory)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (SSMs stay fp32)")
     p.add_argument("--cuda-graph", action="store_true",

@@ -137,8 +137,9 @@ class DataConfig:
     eval_split: str = "val"
     """Split of the prepared data used for evaluation during training."""
     tokenizer: str = ""
-    """SentencePiece model the shards must have been made with (checked by sha256 against the
-    manifest before training); "" skips the check (the shards' own tokenizer.model is used)."""
+    """Tokenizer the shards must have been made with: a SentencePiece .model, a tokenizer.json or
+    a directory holding one (checked by sha256 against the manifest before training); "" skips the
+    check (the shards' own tokenizer file is used)."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The tokenizer a model was trained with: found through the run's data directory, checked by sha256."""
+"""The tokenizer a model was trained with: given, beside an imported model, or found through the
+run's data directory (checked by sha256). SentencePiece `.model` or Hugging Face `tokenizer.json`."""
 from __future__ import annotations
 
 import json
@@ -8,29 +9,38 @@ from ..config import Config, ModelConfig
 from ..errors import InputFileError
 
 
-def find_tokenizer(cfg: Config, override: str | Path | None = None) -> Path | None:
-    """The run's SentencePiece model: `override`, else the one in the prepared data directory
-    (checked against its manifest's sha256). None when neither exists."""
-    from data_prep.tokenizer import load_tokenizer, sha256_file
-
+def _manifest_tokenizer(cfg: Config) -> tuple[Path, dict] | None:
     manifest = Path(cfg.data.path) / "manifest.json"
-    info = None
-    if manifest.is_file():
-        try:
-            info = json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
-            raise InputFileError(f"{manifest} is damaged ({err})") from None
+    if not manifest.is_file():
+        return None
+    try:
+        return manifest, json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise InputFileError(f"{manifest} is damaged ({err})") from None
+
+
+def find_tokenizer(cfg: Config, override: str | Path | None = None, source: str | Path | None = None) -> Path | None:
+    """The model's tokenizer file: `override` (a file or a directory holding one), else one kept
+    beside the model in `source` (an import-h3 model directory), else the one of the prepared data
+    directory (checked against its manifest's sha256). None when there is none."""
+    from data_prep.tokenizer import load_tokenizer, sha256_file, tokenizer_file
+
+    recorded = _manifest_tokenizer(cfg)
     if override:
-        path = Path(override)
-        if not path.is_file():
-            raise InputFileError(f"--tokenizer {path}: tokenizer model not found")
-        load_tokenizer(path)  # refuses a file that is not a SentencePiece model
-        if info is not None and sha256_file(path) != info["sha256"]:
+        path = tokenizer_file(override)
+        load_tokenizer(path)  # refuses a file that is neither kind of tokenizer
+        if recorded is not None and sha256_file(path) != recorded[1]["sha256"]:
+            manifest, info = recorded
             raise InputFileError(f"--tokenizer {path} is not the tokenizer the model was trained with (the one of "
                                  f"{manifest.parent}, sha256 {info['sha256'][:12]}...): omit --tokenizer to use it")
         return path
-    if info is None:
+    if source is not None and Path(source).is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (Path(source) / name).is_file():
+                return Path(source) / name
+    if recorded is None:
         return None
+    manifest, info = recorded
     path = manifest.parent / info["file"]
     if not path.is_file() or sha256_file(path) != info["sha256"]:
         raise InputFileError(f"{path} is missing or differs from the one {manifest} was prepared with")

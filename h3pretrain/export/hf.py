@@ -17,10 +17,22 @@ from ..config import ModelConfig
 from ..errors import InputFileError
 from ..model.released import to_official
 
-BOS_ID, EOS_ID = 1, 2  # data_prep.tokenizer's ids
+GPT2_VOCAB_SIZE, GPT2_EOS_ID = 50257, 50256  # the released H3 models' tokenizer: <|endoftext|> is BOS and EOS
 
 
-def hf_config(cfg: ModelConfig):
+def special_ids(cfg: ModelConfig, tokenizer=None) -> tuple[int | None, int]:
+    """(BOS, EOS): the tokenizer's; without one, GPT-2's for its vocabulary size (an imported
+    released model), else those of the SentencePiece models `h3pretrain prep` trains."""
+    if tokenizer is not None:
+        return tokenizer.bos_id, tokenizer.eos_id
+    if cfg.vocab_size == GPT2_VOCAB_SIZE:
+        return GPT2_EOS_ID, GPT2_EOS_ID
+    from data_prep.tokenizer import BOS_ID, EOS_ID
+
+    return BOS_ID, EOS_ID
+
+
+def hf_config(cfg: ModelConfig, bos_id: int | None, eos_id: int):
     from .hf_modeling.configuration_h3 import H3Config
 
     return H3Config(
@@ -29,10 +41,10 @@ def hf_config(cfg: ModelConfig):
         attn_num_heads=cfg.attn_num_heads, attn_rotary_dim=cfg.attn_rotary_dim, ssm_d_state=cfg.ssm_d_state,
         ssm_head_dim=cfg.ssm_head_dim, mlp_ratio=cfg.mlp_ratio, embed_dropout=cfg.embed_dropout,
         resid_dropout=cfg.resid_dropout, attn_dropout=cfg.attn_dropout, layer_norm_eps=cfg.layer_norm_eps,
-        initializer_range=cfg.initializer_range, bos_token_id=BOS_ID, eos_token_id=EOS_ID)
+        initializer_range=cfg.initializer_range, bos_token_id=bos_id, eos_token_id=eos_id)
 
 
-def hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor]):
+def hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor], bos_id: int | None, eos_id: int):
     """The exported class holding `state` (HybridLM names)."""
     from transformers import GenerationConfig
 
@@ -41,20 +53,30 @@ def hf_model(cfg: ModelConfig, state: dict[str, torch.Tensor]):
 
     H3Config.register_for_auto_class()
     H3ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    config = hf_config(cfg)
+    config = hf_config(cfg, bos_id, eos_id)
     with torch.device("meta"):
         model = H3ForCausalLM(config)
     model.load_state_dict(to_official(state), strict=True, assign=True)
     model.tie_weights()
     # never generate the embedding's padding rows (ours slices them off the logits)
     padding = list(range(cfg.vocab_size, cfg.padded_vocab_size))
-    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID,
+    model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id,
                                                suppress_tokens=padding or None)
     return model.eval()
 
 
-def hf_tokenizer(spm_model: str | Path):
-    """Our SentencePiece BPE as a `tokenizers` BPE with the same pieces, merges and byte fallback."""
+def hf_tokenizer(tokenizer):
+    """A data_prep.tokenizer.Tokenizer for transformers: a tokenizer.json as it is, with its EOS / BOS
+    named; our SentencePiece BPE converted (the same pieces, merges and byte fallback)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if tokenizer.kind == "huggingface":
+        return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.path), eos_token=tokenizer.specials["eos_token"],
+                                       bos_token=tokenizer.specials["bos_token"], clean_up_tokenization_spaces=False)
+    return _sentencepiece_as_hf(tokenizer.path)
+
+
+def _sentencepiece_as_hf(spm_model: Path):
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import Tokenizer, decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
@@ -81,12 +103,16 @@ def hf_tokenizer(spm_model: str | Path):
 
 def export_hf(cfg: ModelConfig, state: dict[str, torch.Tensor], out: str | Path,
               tokenizer: str | Path | None = None) -> Path:
+    """tokenizer: a SentencePiece .model or a tokenizer.json (its EOS / BOS go into the config)."""
+    from data_prep.tokenizer import load_tokenizer
+
     out = Path(out)
-    tok = hf_tokenizer(tokenizer) if tokenizer is not None else None
+    ours = load_tokenizer(tokenizer) if tokenizer is not None else None
+    tok = hf_tokenizer(ours) if ours is not None else None
     if tok is not None and len(tok) != cfg.vocab_size:
         raise InputFileError(f"{tokenizer} has {len(tok)} tokens, the model {cfg.vocab_size}")
     out.mkdir(parents=True, exist_ok=True)
     if tok is not None:
         tok.save_pretrained(out)
-    hf_model(cfg, state).save_pretrained(out)
+    hf_model(cfg, state, *special_ids(cfg, ours)).save_pretrained(out)
     return out

@@ -7,7 +7,6 @@ resume from `latest`; anything else is a failure.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -118,7 +117,12 @@ def _check_data(cfg: Config, manifest: Manifest) -> None:
         raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but the data's tokenizer has {vocab} "
                           f"tokens: set model.vocab_size={vocab}")
     if cfg.data.tokenizer:
-        digest = hashlib.sha256(Path(cfg.data.tokenizer).read_bytes()).hexdigest()
+        from data_prep.tokenizer import sha256_file, tokenizer_file
+
+        try:
+            digest = sha256_file(tokenizer_file(cfg.data.tokenizer))
+        except UserError as err:
+            raise ConfigError(f"data.tokenizer {cfg.data.tokenizer}: {err}") from None
         if digest != manifest.tokenizer_sha256:
             raise ConfigError(f"data.tokenizer {cfg.data.tokenizer} (sha256 {digest[:12]}...) is not the tokenizer "
                               f"{cfg.data.path} was prepared with (sha256 {manifest.tokenizer_sha256[:12]}...)")

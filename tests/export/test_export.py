@@ -174,9 +174,9 @@ def test_tokenizer_matches_sentencepiece(prepared, corpus, tmp_path):
     from h3pretrain.export.hf import hf_tokenizer
 
     data, _ = prepared
-    hf_tokenizer(data / "tokenizer.model").save_pretrained(tmp_path / "tok")
-    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     sp = load_tokenizer(data / "tokenizer.model")
+    hf_tokenizer(sp).save_pretrained(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     texts = list(EDGE_TEXTS)
     for f in sorted(Path(corpus).glob("*.jsonl.zst")):
         with zstandard.open(f, "rt") as fh:
