@@ -263,11 +263,24 @@ def _generate(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.cuda_graph and device.type != "cuda":
         raise UserError(f"--cuda-graph needs a CUDA device, not --device {args.device}")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt:
+    if args.prompts is not None:
+        if not Path(args.prompts).is_file():
+            raise InputFileError(f"--prompts {args.prompts}: no such file")
+        try:
+            prompts = [line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as err:
+            raise InputFileError(f"--prompts {args.prompts}: not UTF-8 text ({err})") from None
+        if not prompts:
+            raise UserError(f"--prompts {args.prompts}: no prompt in it (every line is empty)")
+        if args.cuda_graph:
+            raise UserError("--cuda-graph decodes one prompt (--prompt), not a padded batch (--prompts)")
+    prompt = None if args.prompts is not None else sys.stdin.read() if args.prompt == "-" else args.prompt
+    if prompt is not None and not prompt:
         raise UserError("--prompt is empty")
     cfg, model = load_model(args.checkpoint, device)
     tok = _tokenizer_for(cfg, args.tokenizer, args.checkpoint)
+    if prompt is None:
+        return _generate_batch(args, model, tok, prompts, device)
     ids = tok.encode(prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sys.stdout.write(prompt)
@@ -279,6 +292,36 @@ def _generate(args: argparse.Namespace) -> int:
                  generator=generator, on_token=stream, cuda_graph=args.cuda_graph)
     stream.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _generate_batch(args: argparse.Namespace, model, tok, prompts: list[str], device) -> int:
+    import json
+    from contextlib import nullcontext
+
+    import torch
+
+    from .generate import generate
+
+    encoded = [tok.encode(p) for p in prompts]
+    if not all(encoded):
+        raise UserError(f"--prompts {args.prompts}: a prompt encodes to no tokens")
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), tok.eos_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(encoded):  # left padding: the pads are masked out of every layer
+        ids[row, width - len(e):] = torch.tensor(e)
+        mask[row, width - len(e):] = 1
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    eos = None if args.ignore_eos else tok.eos_id
+    with autocast:
+        out = generate(model, ids.to(device), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos_id=eos, generator=generator, attention_mask=mask.to(device))
+    for prompt, row in zip(prompts, out[:, width:].tolist()):
+        if eos is not None and eos in row:
+            row = row[:row.index(eos)]
+        print(json.dumps({"prompt": prompt, "completion": tok.decode(row)}, ensure_ascii=False), flush=True)
     return 0
 
 
@@ -415,7 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a checkpoint (recurrent H3 generation, streamed)")
     p.add_argument("--checkpoint", required=True, help="as for export-hf")
-    p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="prompt text ('-' reads stdin); the completion is streamed")
+    which.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line (empty lines skipped), "
+                                                         "decoded as one left-padded batch; prints one JSON line "
+                                                         "{prompt, completion} per prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")

@@ -37,9 +37,11 @@ class Decoder:
         self.cache = model.allocate_cache(batch_size, max_seqlen)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) prompt -> (B, padded_vocab) logits of its last position."""
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) prompt -> (B, padded_vocab) logits of its last position. attention_mask (B, L):
+        1 for real tokens, 0 for left padding (each row then decodes as it would alone)."""
         self.cache.reset()
+        self.cache.set_padding(attention_mask)
         return self.model(input_ids, cache=self.cache, logits_to_keep=1)[:, -1]
 
     @torch.inference_mode()
@@ -87,8 +89,10 @@ class CUDAGraphDecoder(Decoder):
         self.cache.seqlen_offset = 1  # any value > 0: the layers take their one-token path
         self.cache.position.zero_()
 
-    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_autocast()
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("CUDA-graph decoding takes prompts without padding (the graph has no pad mask)")
         return super().prefill(input_ids)
 
     def _check_autocast(self) -> None:
@@ -111,8 +115,11 @@ def generate(model: HybridLM, input_ids: torch.Tensor, max_new_tokens: int, *, t
              top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
              generator: torch.Generator | None = None,
              on_token: Callable[[torch.Tensor], None] | None = None,
-             decoder: Decoder | None = None, cuda_graph: bool = False) -> torch.Tensor:
+             decoder: Decoder | None = None, cuda_graph: bool = False,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Returns (B, prompt + new) token ids. Stops early once every row has produced `eos_id`.
+    attention_mask (B, L): prompts of different lengths, left-padded (0 for the pads); every row
+    gets exactly the tokens it gets alone.
     `decoder`: one to reuse (its batch size must match, its max_seqlen suffice); otherwise a Decoder,
     or a CUDAGraphDecoder with `cuda_graph`, is made for this call."""
     B, L = input_ids.shape
@@ -122,7 +129,7 @@ def generate(model: HybridLM, input_ids: torch.Tensor, max_new_tokens: int, *, t
         raise ValueError(f"the decoder holds {decoder.cache.batch_size} rows of {decoder.cache.max_seqlen} tokens: "
                          f"too few for {B} rows of {L} + {max_new_tokens} new")
     vocab = model.config.vocab_size  # never sample the padding rows of the embedding
-    logits = decoder.prefill(input_ids)[:, :vocab]
+    logits = decoder.prefill(input_ids, attention_mask)[:, :vocab]
     out, done = [input_ids], torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for i in range(max_new_tokens):
         if i:

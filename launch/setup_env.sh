@@ -46,6 +46,6 @@ open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 PY
 log "installing h3pretrain and its dependencies (pinned: $(head -1 "$constraints"))"
 # DS_BUILD_OPS=0: DeepSpeed's ops are JIT-built on first use instead of at install time.
-DS_BUILD_OPS=0 "${PIP[@]}" install -q -c "$constraints" -e '.[dev]'
+DS_BUILD_OPS=0 "${PIP[@]}" install -q -c "$constraints" -e '.[dev,eval]'
 "$VENV/bin/python" -c 'import torch; print("[setup] torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'
 log "done in $(( $(date +%s) - start )) s"

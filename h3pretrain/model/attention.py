@@ -25,11 +25,14 @@ class Rotary(nn.Module):
         self.base = base
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, heads, head_dim); rotates x[..., :dim] of token t by angle positions[t] * freq."""
+        """x: (B, L, heads, head_dim); rotates x[..., :dim] of token t by angle positions[t] * freq
+        (positions (L,), or (B, L) for rows that count from different starts)."""
         # Computed on the fly (no buffer): cheap, and nothing to go stale on meta-device builds.
         inv_freq = 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32) / self.dim)
-        freqs = torch.outer(positions.float(), inv_freq)  # (L, dim/2)
-        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        freqs = positions.float()[..., None] * inv_freq  # (L, dim/2) or (B, L, dim/2)
+        if freqs.dim() == 2:
+            freqs = freqs[None]
+        cos, sin = freqs.cos()[:, :, None, :], freqs.sin()[:, :, None, :]
         rot, rest = x[..., : self.dim].float(), x[..., self.dim:]
         x1, x2 = rot.chunk(2, dim=-1)
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
@@ -62,7 +65,9 @@ class CausalSelfAttention(nn.Module):
         if self.rotary is not None:
             if positions is None:
                 positions = torch.arange(L, device=x.device) + (self.context.offset(L) if self.context else 0)
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
+            own = positions if cache is None or cache.start is None else \
+                (positions[None, :] - cache.start[:, None]).clamp_min(0)  # each row counts from its first token
+            q, k = self.rotary(q, own), self.rotary(k, own)
         dropout = self.dropout if self.training else 0.0
         if self.context is not None:
             y = self.context.attention(q, k, v, dropout)
@@ -89,7 +94,7 @@ class CausalSelfAttention(nn.Module):
         L = q.shape[1]
         state["k"].index_copy_(1, positions, k)
         state["v"].index_copy_(1, positions, v)
-        if cache.seqlen_offset == 0:  # the prompt attends only to itself: exactly the uncached computation
+        if cache.seqlen_offset == 0 and cache.start is None:  # the prompt attends only to itself
             return self._attend(q, k, v, 0.0)
         if cache.static_shapes:
             # the whole cache, masked past each query's position: the shapes never change, so a step
@@ -101,6 +106,13 @@ class CausalSelfAttention(nn.Module):
             keys, values = state["k"][:, :end], state["v"][:, :end]
             # query t sees keys up to seqlen_offset + t; one new token sees them all
             mask = None if L == 1 else torch.ones(L, end, dtype=torch.bool, device=q.device).tril(cache.seqlen_offset)
+        if cache.start is not None:  # no row reads its pads' keys (a pad query reads itself: no empty row)
+            key_index = torch.arange(keys.shape[1], device=q.device)
+            real = key_index[None, :] >= cache.start[:, None]  # (B, keys)
+            own = key_index[None, :] == positions[:, None]  # (L, keys)
+            causal = mask if mask is not None else torch.ones(L, keys.shape[1], dtype=torch.bool, device=q.device)
+            mask = (causal[None] & real[:, None, :]) | own[None]
+            mask = mask[:, None]  # (B, 1, L, keys): the same for every head
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
                                            attn_mask=mask)
         return y.transpose(1, 2)

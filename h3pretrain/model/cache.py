@@ -7,7 +7,10 @@ captured once as a CUDA graph and replayed (h3pretrain.generate.CUDAGraphDecoder
 - S4D layers: "ssm" (B, D, N/2) complex and "dA", "dB", "C";
 - attention layers: "k", "v" (B, max_seqlen, heads, head_dim).
 `position` (a 0-dim long tensor on the model's device) is the index of the next token; the layers
-read positions only from it. `seqlen_offset` is the same count on the host: 0 means the next call is
+read positions only from it. `start` ((B,) long, None without padding): each row's first real
+token in a left-padded batch. The pads before it contribute nothing: H3 and S4D layers take zero
+inputs there (their states stay zero), attention never reads their keys, and rotary positions
+count from `start`. `seqlen_offset` is the same count on the host: 0 means the next call is
 the prompt (convolution mode, which writes the exact states into the cache). `static_shapes`: the
 decode steps keep fixed shapes, attention reading the whole cache under a mask (what a CUDA graph
 needs); otherwise attention reads the `seqlen_offset` keys written so far.
@@ -27,6 +30,26 @@ class InferenceCache:
     seqlen_offset: int = 0
     static_shapes: bool = False
     layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    start: torch.Tensor | None = None
+
+    def set_padding(self, attention_mask: torch.Tensor | None) -> None:
+        """attention_mask (B, L) of the prompt, 1 for real tokens: left padding only (0s, then 1s)."""
+        if attention_mask is None or bool(attention_mask.all()):
+            self.start = None
+            return
+        mask = attention_mask.to(torch.bool)
+        if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+            raise ValueError("right padding (a 0 after a 1 in attention_mask) is not supported: pad prompts on the "
+                             "left (tokenizer.padding_side = 'left')")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("every row of attention_mask needs at least one real token")
+        self.start = (~mask).sum(dim=1).to(self.position.device)
+
+    def real(self, length: int) -> torch.Tensor | None:
+        """(B, length) bool: which of the next `length` positions hold real tokens (None: all)."""
+        if self.start is None:
+            return None
+        return self.positions(length)[None, :] >= self.start[:, None]
 
     def positions(self, length: int) -> torch.Tensor:
         """(length,) long: the positions of the next `length` tokens."""

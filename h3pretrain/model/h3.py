@@ -52,6 +52,9 @@ class H3(nn.Module):
                              for t in range(q.shape[1])], dim=1)
             y = y.to(q.dtype)
         else:
+            real = cache.real(q.shape[1]) if cache is not None else None
+            if real is not None:  # left padding: zero inputs there keep the states at zero
+                k, v = k * real[..., None].to(k.dtype), v * real[..., None].to(v.dtype)
             # q, k, v are (B, L, C) whatever layout x has (sequence parallel)
             conv = self.context.h3_conv if self.context is not None else flashconv.h3_conv
             taps, discrete = self.shift_kernel.taps(), self.diag_kernel.discretize()

@@ -38,6 +38,9 @@ class S4D(nn.Module):
             state = cache.layers[self.layer_idx]
             y = torch.stack([self._step(x[:, t], state) for t in range(x.shape[1])], dim=1)
         else:
+            real = cache.real(x.shape[1]) if cache is not None else None
+            if real is not None:  # left padding: zero inputs there keep the state at zero
+                x = x * real[..., None].to(x.dtype)
             y = self._conv(x)
             if cache is not None:
                 self._write_prompt_state(x, cache.layers[self.layer_idx])

@@ -109,8 +109,42 @@ def test_hf_beam_search_and_sampling_with_the_recurrent_cache(tmp_path):
     torch.manual_seed(1)
     sampled = hf.generate(prompt, do_sample=True, top_p=0.9, num_return_sequences=2, **kw)
     assert sampled.shape == (4, 19) and torch.equal(sampled[:, :9], prompt.repeat_interleave(2, 0))
-    with pytest.raises(ValueError, match="padding"):
-        hf(prompt, attention_mask=torch.tensor([[0] * 3 + [1] * 6, [1] * 9]))
+    with pytest.raises(ValueError, match="left padding only"):  # right padding
+        hf(prompt, attention_mask=torch.tensor([[1] * 6 + [0] * 3, [1] * 9]))
+
+
+def _left_padded(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_left_padded_batch_gives_every_row_what_it_gives_alone(name, tmp_path):
+    """Prompts of 1 to 11 tokens as one left-padded batch: greedy tokens of every row equal that
+    row's alone, in our generate() and in the export's generate() (attention masks the pads' keys,
+    H3 / S4D states stay zero through them, rotary counts from each row's first token)."""
+    ours = _random_model(vocab_size=90, **CONFIGS[name])
+    export_hf(ours.config, ours.state_dict(), tmp_path / "hf")
+    hf = _load_hf(tmp_path / "hf")
+    prompts = [torch.randint(3, 90, (n,)) for n in (7, 1, 11, 4)]
+    ids, mask = _left_padded(prompts, pad=2)
+    mine = generate(ours, ids, 8, attention_mask=mask)
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    for i, p in enumerate(prompts):
+        alone = generate(ours, p[None], 8)[0, len(p):]
+        assert torch.equal(mine[i, ids.shape[1]:], alone), (name, i)
+        assert torch.equal(theirs[i, ids.shape[1]:], alone), (name, i)
+    # scoring a padded batch: the real positions' logits are those of each row alone
+    with torch.no_grad():
+        batch = hf(ids, attention_mask=mask).logits
+        for i, p in enumerate(prompts):
+            torch.testing.assert_close(batch[i, ids.shape[1] - len(p):], hf(p[None]).logits[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="right padding"):
+        generate(ours, ids.flip(1), 2, attention_mask=mask.flip(1))
 
 
 @pytest.mark.parametrize("inner", [(), (2, 2)])
@@ -376,7 +410,7 @@ def test_eval_command_reproduces_the_runs_eval_loss(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_command_streams_greedy_text(trained, capsys):
+def test_generate_command_streams_greedy_text(trained, capsys, tmp_path):
     from data_prep.tokenizer import load_tokenizer
 
     data, run_dir = trained
@@ -397,6 +431,17 @@ def test_generate_command_streams_greedy_text(trained, capsys):
     assert sampled[0] == sampled[1] != sampled[2] and all(s.startswith(prompt) for s in sampled)
     assert main(gen + ["--cuda-graph", "--device", "cpu"]) == 2
     assert "--cuda-graph needs a CUDA device, not --device cpu" in capsys.readouterr().err
+    # several prompts as one left-padded batch: each completion is the one its prompt gets alone
+    prompts = ["The function", "x", "import os and then"]
+    (tmp_path / "prompts.txt").write_text("\n".join([prompts[0], "", *prompts[1:]]) + "\n")
+    batch = ["generate", "--checkpoint", str(run_dir), "--prompts", str(tmp_path / "prompts.txt"),
+             "--max-new-tokens", "12", "--temperature", "0", "--ignore-eos"]
+    assert main(batch) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    for row in rows:
+        alone = generate(model_from_state(cfg.model, sd), torch.tensor([sp.encode(row["prompt"])]), 12)
+        assert row["completion"] == sp.decode(alone[0, len(sp.encode(row["prompt"])):].tolist())
 
 
 @pytest.mark.slow

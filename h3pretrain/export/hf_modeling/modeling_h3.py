@@ -8,10 +8,14 @@ released H3 layer (H3 paper; channels head-major, c = h * head_dim + d):
 Full sequences use FFT convolutions in fp32; with a cache, every later token is one recurrent step:
 O(1) state per H3 layer (the shift register's last N inputs and the diagonal SSM's complex state)
 in transformers' LinearAttentionLayer cache slots, key/value caches for the attention layers.
+Left-padded batches (transformers' and lm-eval's convention for generation) give every row what it
+gives alone: H3 / S4D inputs are zero at the pads (their states stay zero), attention never reads a
+pad's key, and rotary positions count from each row's first real token. Right padding is refused.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +157,27 @@ def _in_fp32(fn):
     return torch.autocast("cpu", enabled=False)(fn)
 
 
+@dataclass
+class Padding:
+    """Left padding of a batch: `real` (B, L) the current tokens that are not pads, `keys` (B, S)
+    the same for every token so far (what attention may read), `positions` (B, L) each current
+    token's index counted from its row's first real token."""
+    real: torch.Tensor
+    keys: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor | None, length: int) -> "Padding | None":
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        mask = attention_mask.to(torch.bool)
+        if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+            raise ValueError("H3 models take left padding only (a 0 after a 1 in attention_mask): set "
+                             "tokenizer.padding_side = 'left'")
+        positions = (mask.long().cumsum(-1) - 1).clamp_min(0)[:, -length:]
+        return cls(real=mask[:, -length:], keys=mask, positions=positions)
+
+
 def _recurrent(cache: Cache | None) -> bool:
     """True once the prompt has been consumed: every later token is a recurrent step."""
     return cache is not None and cache.get_seq_length() > 0
@@ -174,11 +199,14 @@ class H3Mixer(nn.Module):
         self.D = nn.Parameter(torch.randn(self.num_heads))
         self.output_linear = nn.Linear(D, D)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None, padding: Padding | None = None) -> torch.Tensor:
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if _recurrent(cache):
             y = torch.stack([self._step(q[:, t], k[:, t], v[:, t], cache) for t in range(x.shape[1])], dim=1)
         else:
+            if padding is not None:  # zero inputs at the pads keep the states at zero
+                real = padding.real[..., None].to(k.dtype)
+                k, v = k * real, v * real
             y = self._conv(q, k, v, cache)
         return self.output_linear(y.to(q.dtype))
 
@@ -224,7 +252,9 @@ class S4DMixer(nn.Module):
         self.D = nn.Parameter(torch.randn(D))
         self.output_linear = nn.Linear(D, D)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None, padding: Padding | None = None) -> torch.Tensor:
+        if padding is not None and not _recurrent(cache):
+            x = x * padding.real[..., None].to(x.dtype)
         return self.output_linear(F.gelu(self._mix(x, cache)).to(x.dtype))
 
     @_in_fp32
@@ -252,11 +282,12 @@ class Rotary(nn.Module):
         super().__init__()
         self.dim, self.base = dim, base
 
-    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        L = x.shape[1]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """positions: (L,), or (B, L) for rows counted from different first tokens."""
         inv_freq = 1.0 / self.base ** (torch.arange(0, self.dim, 2, device=x.device, dtype=torch.float32) / self.dim)
-        freqs = torch.outer(torch.arange(offset, offset + L, device=x.device, dtype=torch.float32), inv_freq)
-        cos, sin = freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+        freqs = positions.float()[..., None] * inv_freq
+        freqs = freqs if freqs.dim() == 3 else freqs[None]
+        cos, sin = freqs.cos()[:, :, None, :], freqs.sin()[:, :, None, :]
         rot, rest = x[..., : self.dim].float(), x[..., self.dim:]
         x1, x2 = rot.chunk(2, dim=-1)
         return torch.cat([torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype), rest], dim=-1)
@@ -276,21 +307,28 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(D, D)
         self.rotary = Rotary(config.attn_rotary_dim) if config.attn_rotary_dim else None
 
-    def forward(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache | None, padding: Padding | None = None) -> torch.Tensor:
         B, L, _ = x.shape
         q, k, v = self.Wqkv(x).view(B, L, 3, self.num_heads, self.head_dim).unbind(dim=2)
         offset = cache.get_seq_length() if cache is not None else 0
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            positions = padding.positions if padding is not None else torch.arange(offset, offset + L, device=x.device)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
-            keys, values = cache.update(k, v, self.layer_idx)
-        if cache is None or offset == 0:  # a whole sequence (or the prompt) attends to itself
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+            k, v = cache.update(k, v, self.layer_idx)
+        dropout = self.dropout if self.training else 0.0
+        if padding is None and (cache is None or offset == 0):  # a whole sequence (or the prompt) attends to itself
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
-            # query t (absolute offset + t) sees keys 0..offset + t; one new token sees them all
-            mask = None if L == 1 else torch.ones(L, keys.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=offset)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            # query t (absolute offset + t) sees keys 0..offset + t, never a pad's (a pad sees itself:
+            # no empty row)
+            S = k.shape[2]
+            mask = torch.ones(L, S, dtype=torch.bool, device=q.device).tril(diagonal=offset)
+            if padding is not None:
+                own = torch.arange(S, device=q.device)[None, :] == (offset + torch.arange(L, device=q.device))[:, None]
+                mask = ((mask[None] & padding.keys[:, None, -S:]) | own[None])[:, None]  # (B, 1, L, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.out_proj(y.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -331,8 +369,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout1, self.dropout2 = nn.Dropout(config.resid_dropout), nn.Dropout(config.resid_dropout)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        x = x + self.dropout1(self.mixer(self.norm1(x), cache))
+    def forward(self, x: torch.Tensor, cache: Cache | None, padding: Padding | None = None) -> torch.Tensor:
+        x = x + self.dropout1(self.mixer(self.norm1(x), cache, padding))
         return x + self.dropout2(self.mlp(self.norm2(x)))
 
 
@@ -377,11 +415,12 @@ class H3Model(H3PreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                cache: Cache | None = None) -> torch.Tensor:
+                cache: Cache | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        padding = Padding.from_mask(attention_mask, x.shape[1])
         x = self.drop(x)
         for layer in self.layers:
-            x = layer(x, cache)
+            x = layer(x, cache, padding)
         if cache is not None:
             cache.seen_tokens += x.shape[1]
         return self.ln_f(x)
@@ -414,16 +453,14 @@ class H3ForCausalLM(H3PreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 return_dict: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs) -> CausalLMOutputWithPast | tuple:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            # Padding would flow into the SSM states; batch prompts of equal length (or one at a time).
-            raise ValueError("H3 models take no padding: attention_mask must be all ones")
         # The recurrent state costs a pass over the prompt of its own: it is built when asked for
         # (generate() passes use_cache=True), not for every scoring call.
         if use_cache and past_key_values is None and not self.training:
             past_key_values = H3Cache(self.config)
         elif use_cache is False:
             past_key_values = None
-        hidden = self.backbone(input_ids, inputs_embeds=inputs_embeds, cache=past_key_values)
+        hidden = self.backbone(input_ids, inputs_embeds=inputs_embeds, cache=past_key_values,
+                               attention_mask=attention_mask)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep])
         loss = None
