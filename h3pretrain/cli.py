@@ -214,7 +214,7 @@ def _export_hf(args: argparse.Namespace) -> int:
     cfg, state = load_model_source(args.checkpoint)
     tokenizer = find_tokenizer(cfg, args.tokenizer, args.checkpoint)
     if tokenizer is None:
-        print(f"warning: no tokenizer found (no {cfg.data.path}/manifest.json, no --tokenizer): exporting the "
+        print(f"warning: no tokenizer found (no {cfg.data_sources()[0][0]}/manifest.json, no --tokenizer): exporting the "
               "model without tokenizer files", file=sys.stderr)
     out = export_hf(cfg.model, state, args.out, tokenizer)
     print(f"exported {sum(t.numel() for t in state.values()):,} parameters"
@@ -239,7 +239,7 @@ def _tokenizer_for(cfg, override: str | None, source: str):
 
     path = find_tokenizer(cfg, override, source)
     if path is None:
-        raise InputFileError(f"no tokenizer: {cfg.data.path}/manifest.json does not exist and {source} holds none; "
+        raise InputFileError(f"no tokenizer: {cfg.data_sources()[0][0]}/manifest.json does not exist and {source} holds none; "
                              "pass --tokenizer (a SentencePiece .model or a tokenizer.json)")
     tok = load_tokenizer(path)
     check_tokenizer_vocab(cfg.model, tok.vocab_size, str(path))
@@ -327,6 +327,7 @@ def _generate_batch(args: argparse.Namespace, model, tok, prompts: list[str], de
 
 def _eval(args: argparse.Namespace) -> int:
     import json
+    import math
 
     from .data import Manifest
     from .evaluate import evaluate_shards
@@ -340,20 +341,33 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json and (Path(args.json).is_dir() or not Path(args.json).parent.is_dir()):
         raise UserError(f"--json {args.json}: cannot be written (a directory, or its directory does not exist)")
     device = _device(args.device)
-    data = Manifest.load(args.data)
-    data.shards(args.split)  # names the splits there are
     cfg, model = load_model(args.checkpoint, device)
-    check_tokenizer_vocab(cfg.model, data.vocab_size, f"{args.data}'s tokenizer")
-    own = Manifest.load(cfg.data.path) if (Path(cfg.data.path) / "manifest.json").is_file() else None
-    if own is not None and own.tokenizer_sha256 != data.tokenizer_sha256:
-        raise InputFileError(f"{args.data} was tokenized with another tokenizer than the model's data ({cfg.data.path})")
-    result = evaluate_shards(model, args.data, split=args.split, batch_size=args.batch_size,
-                             max_batches=args.batches, bf16=args.bf16)
-    print(f"{result['split']}: {result['samples']:,} samples, {result['tokens']:,} tokens | loss {result['loss']:.4f} | "
-          f"perplexity {result['perplexity']:.2f}")
+    own_path = cfg.data_sources()[0][0]
+    own = Manifest.load(own_path) if (Path(own_path) / "manifest.json").is_file() else None
+    paths = args.data or [p for p, _ in cfg.data_sources()]  # default: the run's own data (every source)
+    for path in paths:
+        data = Manifest.load(path)
+        data.shards(args.split)  # names the splits there are
+        check_tokenizer_vocab(cfg.model, data.vocab_size, f"{path}'s tokenizer")
+        if own is not None and own.tokenizer_sha256 != data.tokenizer_sha256:
+            raise InputFileError(f"{path} was tokenized with another tokenizer than the model's data ({own_path})")
+    results = []
+    for path in paths:
+        result = evaluate_shards(model, path, split=args.split, batch_size=args.batch_size,
+                                 max_batches=args.batches, bf16=args.bf16)
+        where = f"{path} " if len(paths) > 1 else ""
+        print(f"{where}{result['split']}: {result['samples']:,} samples, {result['tokens']:,} tokens | loss "
+              f"{result['loss']:.4f} | perplexity {result['perplexity']:.2f}", flush=True)
+        results.append({"data": str(path), **result})
+    out = {"checkpoint": str(args.checkpoint), **results[0]}
+    if len(results) > 1:  # every source, and their token-weighted mean
+        tokens = sum(r["tokens"] for r in results)
+        loss = sum(r["loss"] * r["tokens"] for r in results) / tokens
+        print(f"all {len(results)} sources: {tokens:,} tokens | loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
+        out = {"checkpoint": str(args.checkpoint), "sources": results, "tokens": tokens, "loss": loss,
+               "perplexity": math.exp(min(loss, 50))}
     if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "data": str(args.data), **result},
-                                              indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 
@@ -479,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on prepared shards")
     p.add_argument("--checkpoint", required=True, help="as for export-hf")
-    p.add_argument("--data", required=True, help="a directory written by `h3pretrain prep`")
+    p.add_argument("--data", action="append", help="a directory written by `h3pretrain prep` (repeatable: one loss "
+                                                   "per directory; default: the run's data, every source of a mixture)")
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=0, help="evaluate this many batches (0 = the whole split)")

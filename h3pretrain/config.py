@@ -127,11 +127,26 @@ def preset(name: str) -> ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One prepared directory of a weighted data mixture."""
+
+    path: str = ""
+    """A directory written by `h3pretrain prep` (all sources: one tokenizer, one seq_len)."""
+    weight: float = 1.0
+    """Its share of every global batch, relative to the other sources' weights."""
+    name: str = ""
+    """Its label in logs and metrics (tokens seen, evaluation loss); default: the directory's name."""
+
+
+@dataclass
 class DataConfig:
     """The prepared data a run trains on (the output of `h3pretrain prep`)."""
 
     path: str = "data/shards"
-    """A directory written by `h3pretrain prep`."""
+    """A directory written by `h3pretrain prep` (the first source's, with `sources`)."""
+    sources: list[DataSource] = field(default_factory=list)
+    """A weighted mixture of prepared directories, e.g. Pile subsets prepared with --pile-set:
+    each global batch draws from them in proportion to their weights; empty: `path` alone."""
     seed: int = 1234
     """Sample order: a fresh permutation per epoch from (seed, epoch)."""
     eval_split: str = "val"
@@ -383,6 +398,10 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """The SLURM job."""
 
+    def data_sources(self) -> list[tuple[str, float]]:
+        """(path, weight) of every source: `data.sources`, or `data.path` alone."""
+        return [(x.path, x.weight) for x in self.data.sources] or [(self.data.path, 1.0)]
+
     def validate(self) -> None:
         """Every setting checked in one place (choices, ranges, the model's shape); one ConfigError
         naming each bad setting. A layout is checked against the world size when a run starts."""
@@ -396,8 +415,16 @@ class Config:
         for name in ("tp", "pp", "virtual_pp", "cp"):
             if getattr(self.parallel, name) < 1:
                 errors.append(f"parallel.{name} must be >= 1, not {getattr(self.parallel, name)}")
-        if not self.data.path:
+        if not self.data.path and not self.data.sources:
             errors.append("data.path is empty")
+        for i, source in enumerate(self.data.sources):
+            if not source.path:
+                errors.append(f"data.sources[{i}].path is empty")
+            if not (source.weight > 0 and math.isfinite(source.weight)):
+                errors.append(f"data.sources[{i}].weight must be a positive number, not {source.weight}")
+        paths = [str(Path(x.path).resolve()) for x in self.data.sources if x.path]
+        if len(set(paths)) < len(paths):
+            errors.append("data.sources lists a directory twice (give it one source with the summed weight)")
         s = self.slurm
         for name, low in (("nodes", 1), ("gpus_per_node", 0), ("tasks_per_node", 0), ("cpus_per_task", 1),
                           ("grace_s", 0), ("max_restarts", 0)):

@@ -10,7 +10,7 @@ from ..errors import InputFileError
 
 
 def _manifest_tokenizer(cfg: Config) -> tuple[Path, dict] | None:
-    manifest = Path(cfg.data.path) / "manifest.json"
+    manifest = Path(cfg.data_sources()[0][0]) / "manifest.json"  # (every source of a mixture has the same)
     if not manifest.is_file():
         return None
     try:

@@ -84,16 +84,17 @@ def preflight(p: JobPlan) -> None:
 
 
 def check_data(p: JobPlan) -> None:
-    """The shards exist and fit the model."""
-    manifest = Path(p.cfg.data.path) / "manifest.json"
-    if not manifest.is_file():
-        raise SlurmError(f"no prepared data at {p.cfg.data.path} (no manifest.json): run `h3pretrain prep` "
-                         "first or point H3_DATA (data.path) at a prepared directory")
-    vocab = json.loads(manifest.read_text())["tokenizer"]["vocab_size"]
-    if vocab != p.cfg.model.vocab_size:
-        raise SlurmError(f"model.vocab_size {p.cfg.model.vocab_size} but {p.cfg.data.path} has a {vocab}-token "
-                         f"tokenizer: prepare the data with --vocab-size {p.cfg.model.vocab_size} or set "
-                         f"model.vocab_size={vocab}")
+    """The shards (of every source of a mixture) exist and fit the model."""
+    for path, _ in p.cfg.data_sources():
+        manifest = Path(path) / "manifest.json"
+        if not manifest.is_file():
+            raise SlurmError(f"no prepared data at {path} (no manifest.json): run `h3pretrain prep` "
+                             "first or point H3_DATA (data.path) or data.sources at a prepared directory")
+        vocab = json.loads(manifest.read_text())["tokenizer"]["vocab_size"]
+        if vocab != p.cfg.model.vocab_size:
+            raise SlurmError(f"model.vocab_size {p.cfg.model.vocab_size} but {path} has a {vocab}-token "
+                             f"tokenizer: prepare the data with --vocab-size {p.cfg.model.vocab_size} or set "
+                             f"model.vocab_size={vocab}")
     if p.cfg.data.tokenizer and not Path(p.cfg.data.tokenizer).is_file():
         raise SlurmError(f"data.tokenizer {p.cfg.data.tokenizer} does not exist (H3_TOKENIZER)")
 

@@ -61,6 +61,7 @@ def plan(cfg: Config, source: str, base: Path | None = None) -> JobPlan:
     base = Path.cwd() if base is None else base
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data), train=dataclasses.replace(cfg.train))
     cfg.data.path = _absolute(cfg.data.path, base)
+    cfg.data.sources = [dataclasses.replace(s, path=_absolute(s.path, base)) for s in cfg.data.sources]
     cfg.data.tokenizer = _absolute(cfg.data.tokenizer, base)
     cfg.train.run_dir = _absolute(cfg.train.run_dir, base)
     cfg.train.deepspeed_json = _absolute(cfg.train.deepspeed_json, base)

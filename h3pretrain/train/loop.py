@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError, save_yaml, to_dict
 from ..errors import UserError
-from ..data import Manifest, TokenBatches
+from ..data import TokenBatches, TrainingData
 from .engine import TrainingEngine
 from ..quiet import silence_third_party_noise
 from ..parallel.pipeline import describe as describe_partition
@@ -108,10 +108,12 @@ class Prefetcher:
         self._halt.set()
 
 
-def _check_data(cfg: Config, manifest: Manifest) -> None:
-    if cfg.train.eval_every and cfg.data.eval_split not in manifest.data["splits"]:
-        raise ConfigError(f"data.eval_split {cfg.data.eval_split!r} is not a split of {cfg.data.path} (it has "
-                          f"{', '.join(sorted(manifest.data['splits']))}); or set train.eval_every=0")
+def _check_data(cfg: Config, data: TrainingData) -> None:
+    for path, m in zip(data.paths, data.manifests):
+        if cfg.train.eval_every and cfg.data.eval_split not in m.data["splits"]:
+            raise ConfigError(f"data.eval_split {cfg.data.eval_split!r} is not a split of {path} (it has "
+                              f"{', '.join(sorted(m.data['splits']))}); or set train.eval_every=0")
+    manifest = data.manifest
     vocab = manifest.vocab_size
     if cfg.model.vocab_size != vocab:
         raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but the data's tokenizer has {vocab} "
@@ -129,8 +131,8 @@ def _check_data(cfg: Config, manifest: Manifest) -> None:
 
 
 def _data_changes(recorded: dict, now: dict) -> list[str]:
-    changes = [f"{key} {recorded.get(key)} -> {now[key]}" for key in ("seq_len", "tokenizer_sha256")
-               if recorded.get(key) != now[key]]
+    changes = [f"{key} {recorded.get(key)} -> {now.get(key)}" for key in ("seq_len", "tokenizer_sha256", "weights")
+               if recorded.get(key) != now.get(key)]
     for split in sorted(set(recorded.get("shards", {})) | set(now["shards"])):
         old, new = recorded.get("shards", {}).get(split, []), now["shards"].get(split, [])
         if old != new:
@@ -203,8 +205,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     cfg.validate()
     train_cfg = cfg.train
     run_dir = Path(train_cfg.run_dir)
-    manifest = Manifest.load(cfg.data.path)
-    _check_data(cfg, manifest)
+    data = TrainingData(cfg.data_sources(), [x.name for x in cfg.data.sources], mixture=bool(cfg.data.sources))
+    _check_data(cfg, data)
     if train_cfg.resume not in ("auto", "none") and not Path(train_cfg.resume).is_dir():
         raise ConfigError(f"train.resume={train_cfg.resume}: no such checkpoint directory")
     guard = _StartGuard(run_dir, int(os.environ.get("RANK", 0)))
@@ -214,7 +216,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         return EXIT_PREEMPTED
     guard.write(started)
     try:
-        return _run(cfg, manifest, stop, guard)
+        return _run(cfg, data, stop, guard)
     except BaseException as err:
         if isinstance(err, UserError) and not guard.running:
             guard.undo()  # a refused start: the run directory stays as it was
@@ -223,11 +225,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
         raise
 
 
-def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard) -> int:
+def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard) -> int:
     train_cfg = cfg.train
     run_dir = Path(train_cfg.run_dir)
     rank, world, device = init_distributed()
-    seq_len = manifest.data["seq_len"]
+    seq_len = data.manifest.data["seq_len"]
 
     def starting_stop() -> None:
         if any_rank(stop.requested, device):
@@ -245,8 +247,8 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
             log.info("FlashConv: %s (%s) | torch.compile: %s | recompute: %s", kernels["implementation"],
                      kernels["reason"], "on" if engine.compiled else "off", train_cfg.recompute)
         starting_stop()
-        loader = TokenBatches(cfg.data.path, global_batch=train_cfg.global_batch, dp_rank=layout.dp_rank, dp_size=layout.dp,
-                              seed=cfg.data.seed)
+        loader = data.train_batches(global_batch=train_cfg.global_batch, dp_rank=layout.dp_rank, dp_size=layout.dp,
+                                    seed=cfg.data.seed)
         ckpt = CheckpointManager(run_dir / "checkpoints", train_cfg.keep_last, train_cfg.hash_checkpoints)
         step, tokens, last_eval = 0, 0, 0
         resume_from = None
@@ -260,9 +262,9 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
         if resume_from is not None:
             state = ckpt.read_state(resume_from)
             recorded = state.get("data_manifest")
-            changes = _data_changes(recorded, manifest.fingerprint()) if recorded else []
+            changes = _data_changes(recorded, data.fingerprint()) if recorded else []
             if changes and not train_cfg.allow_data_change:
-                raise ConfigError(f"data.path {cfg.data.path} differs from the data {resume_from} was trained on "
+                raise ConfigError(f"the data ({', '.join(data.paths)}) differs from the data {resume_from} was trained on "
                                   f"({'; '.join(changes[:4])}); use the run's data, or set "
                                   "train.allow_data_change=true to continue on this data")
             if changes and rank == 0:
@@ -306,20 +308,28 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
         log.info("model %s parameters | %d ranks (%s) | ZeRO-%d | %s | global batch %d x %d tokens, micro %d | %s",
                  f"{n_params:,}", world, layout.describe(), train_cfg.zero_stage, engine.optimizer_name, train_cfg.global_batch,
                  seq_len, train_cfg.micro_batch, train_cfg.precision)
-    data_fingerprint = manifest.fingerprint()
+    data_fingerprint = data.fingerprint()
 
-    def evaluate() -> dict[str, float]:
-        val = TokenBatches(cfg.data.path, split=cfg.data.eval_split, global_batch=train_cfg.micro_batch * layout.dp,
+    def evaluate_source(path: str) -> float:
+        val = TokenBatches(path, split=cfg.data.eval_split, global_batch=train_cfg.micro_batch * layout.dp,
                            dp_rank=layout.dp_rank, dp_size=layout.dp, shuffle=False)
-        engine.train(False)
         total = 0.0
         for _ in range(train_cfg.eval_batches):
             if any_rank(stop.requested, device):
                 raise Stopped("stop requested during evaluation")
             total += engine.eval_loss(val.next())
+        return total / train_cfg.eval_batches  # eval_loss is already the mean over all ranks
+
+    def evaluate() -> dict[str, float]:
+        """The loss on the eval split; with a mixture, per source and their mean by weight."""
+        engine.train(False)
+        losses = [evaluate_source(path) for path in data.paths]
         engine.train(True)
-        loss = total / train_cfg.eval_batches  # eval_loss is already the mean over all ranks
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        loss = sum(share * x for share, x in zip(data.shares(), losses))
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if data.mixture:
+            out.update({f"loss/{name}": x for name, x in zip(data.names, losses)})
+        return out
 
     def run_eval() -> None:
         nonlocal last_eval
@@ -327,7 +337,8 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
         last_eval = step
         if rank == 0:
             tracker.log(step, ev, kind="eval")
-            print(f"eval step {step} | loss {ev['loss']:.4f} | ppl {ev['perplexity']:.2f}", flush=True)
+            per_source = "".join(f" | {k[5:]} {v:.4f}" for k, v in ev.items() if k.startswith("loss/"))
+            print(f"eval step {step} | loss {ev['loss']:.4f} | ppl {ev['perplexity']:.2f}{per_source}", flush=True)
 
     def save(reason: str) -> Path:
         state = {"step": step, "tokens": tokens, "data": {**loader.state_dict(), "position": step * train_cfg.global_batch},
@@ -377,6 +388,9 @@ def _run(cfg: Config, manifest: Manifest, stop: StopRequest, guard: _StartGuard)
                 m = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": tps, "mfu": tps * flops_per_token / peak if peak else 0.0,
                      "memory_gb": memory_gb(), "tokens": tokens}
+                if data.mixture:  # tokens seen per source
+                    m.update({f"tokens/{name}": n * seq_len for name, n in
+                              zip(data.names, loader.samples_per_source(step * train_cfg.global_batch))})
                 tracker.log(step, m)
                 tracker.progress(step, m)
             if any_rank(stop.requested, device):

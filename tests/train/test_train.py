@@ -507,3 +507,62 @@ def test_training_goes_on_during_a_background_write_and_a_kill_there_keeps_the_p
     assert run(data, run_dir, **extra) == 0
     assert f"resumed from {ckpts / 'step-00000002'} at step 2" in Path(str(run_dir) + ".log").read_text()
     assert losses(run_dir) == losses(ref_dir)
+
+
+@pytest.fixture(scope="module")
+def mixture(prepared, corpus, tmp_path_factory):
+    """Two sources, 3 : 1: the whole corpus, and one of its files (the same tokenizer), as a
+    `--set data.sources=...` value; and a one-rank reference run of 8 steps on them."""
+    from conftest import prep_settings
+    from data_prep.prep import prepare
+
+    a, _ = prepared
+    b = tmp_path_factory.mktemp("mix-b")
+    files = sorted(str(p) for p in corpus.glob("*.jsonl.zst"))
+    prepare(prep_settings(corpus, b, inputs=files[:1], tokenizer=str(a / "tokenizer.model")), progress=False)
+    sources = f"[{{path: {a}, weight: 3, name: all}}, {{path: {b}, weight: 1, name: one}}]"
+    ref = tmp_path_factory.mktemp("mix-ref") / "run"
+    assert run(a, ref, **NO_DROPOUT, **{"data.sources": sources}) == 0
+    return a, sources, ref
+
+
+def test_mixture_logs_tokens_and_eval_loss_per_source(mixture):
+    _, _, ref = mixture
+    records = [json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    # 8 steps x 8 sequences x 64 tokens, 3 : 1
+    assert train[8]["tokens/all"] == 48 * 64 and train[8]["tokens/one"] == 16 * 64
+    assert train[8]["tokens/all"] + train[8]["tokens/one"] == train[8]["tokens"]
+    evals = {r["step"]: r for r in records if r["kind"] == "eval"}
+    assert sorted(evals) == [4, 8]
+    assert evals[8]["loss"] == pytest.approx(0.75 * evals[8]["loss/all"] + 0.25 * evals[8]["loss/one"], rel=1e-12)
+    assert "eval step 8 | loss" in Path(str(ref) + ".log").read_text() and "| one " in Path(str(ref) + ".log").read_text()
+
+
+def test_mixture_resumes_bitwise_after_sigkill_and_under_another_data_parallel_size(mixture, tmp_path):
+    data, sources, ref = mixture
+    extra = {**NO_DROPOUT, "data.sources": sources}
+    # SIGKILL once the checkpoint of step 4 is complete, then resume: the same losses, bit for bit
+    killed = tmp_path / "killed"
+    proc = launch(data, killed, **extra)
+    assert _wait_for(lambda: (killed / "checkpoints" / "step-00000004" / "manifest.json").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert run(data, killed, **extra) == 0
+    assert losses(killed) == losses(ref)
+    # two data-parallel ranks to the checkpoint of step 4 (killed there), then one: the same samples
+    # in the same batches (the losses follow the one-rank run to fp32 reduction-order noise)
+    two = tmp_path / "two"
+    proc = launch(data, two, nproc=2, **extra)
+    assert _wait_for(lambda: (two / "checkpoints" / "step-00000004" / "manifest.json").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert run(data, two, **extra) == 0
+    assert "resumed from" in Path(str(two) + ".log").read_text()
+    a, b = losses(ref), losses(two)
+    assert sorted(b) == list(range(1, 9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    # other weights: refused as a change of data
+    changed = run(data, two, **{**extra, "data.sources": sources.replace("weight: 1,", "weight: 2,"), "steps": 9})
+    assert changed == 2 and "weights" in Path(str(two) + ".log").read_text()
