@@ -137,7 +137,7 @@ class SentencePieceTokenizer(Tokenizer):
             raise InputFileError(f"{path}: the SentencePiece model has no end-of-sequence piece")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=1)
+        return _sp_encode(self.sp, texts)
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(list(ids))
@@ -169,10 +169,32 @@ class HFTokenizer(Tokenizer):
                          "bos_token": self.tok.id_to_token(self.bos_id) if self.bos_id is not None else None}
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        return _hf_encode(self.tok, texts)
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _sp_encode(sp, texts: list[str]) -> list[list[int]]:
+    return sp.encode(texts, num_threads=1)
+
+
+def _hf_encode(tok, texts: list[str]) -> list[list[int]]:
+    # ids without offsets and alignments: the same tokens, less work
+    return [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def batch_encoder(kind: str, model: bytes):
+    """texts -> token ids, for a tokenizer worker: kind "sentencepiece" (model: the .model file)
+    or "huggingface" (model: a tokenizer.json), one thread."""
+    if kind == "sentencepiece":
+        sp = spm.SentencePieceProcessor(model_proto=model)
+        return lambda texts: _sp_encode(sp, texts)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker, as with SentencePiece
+    from tokenizers import Tokenizer as RustTokenizer
+
+    tok = RustTokenizer.from_str(model.decode("utf-8"))
+    return lambda texts: _hf_encode(tok, texts)
 
 
 def _named_specials(config: Path) -> dict:

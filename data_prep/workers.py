@@ -1,5 +1,5 @@
 """Tokenizer worker processes. Kept free of heavy imports: each worker is a fresh (spawned)
-interpreter, and this module is all it imports besides numpy, the tokenizer library and the reader."""
+interpreter, and this module imports only numpy, the reader and data_prep.tokenizer (with its library)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,20 +11,10 @@ _ENCODE = None
 
 def init_worker(kind: str, model_bytes: bytes) -> None:
     """kind: "sentencepiece" (model_bytes: the .model) or "huggingface" (a tokenizer.json)."""
+    from .tokenizer import batch_encoder
+
     global _ENCODE
-    if kind == "sentencepiece":
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        _ENCODE = lambda texts: sp.encode(texts, num_threads=1)  # noqa: E731
-    else:
-        import os
-
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker, as with SentencePiece
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_str(model_bytes.decode("utf-8"))
-        _ENCODE = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+    _ENCODE = batch_encoder(kind, model_bytes)
 
 
 def process_batch(batch: list, val_fraction: float, sets: frozenset | None) -> list:
