@@ -31,6 +31,20 @@ def prep_settings(corpus, out, **kw):
     return PrepSettings(**base)
 
 
+def corpus_docs(corpus) -> list[str]:
+    """The documents of the corpus fixture's jsonl.zst files, in file order."""
+    import json
+    from pathlib import Path
+
+    import zstandard
+
+    docs = []
+    for path in sorted(Path(corpus).glob("*.jsonl.zst")):
+        data = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True).read()
+        docs += [json.loads(line)["text"] for line in data.decode().splitlines()]
+    return docs
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """120 documents of the local corpus (Debian's Python docs, or stdlib docstrings without them)."""

@@ -22,15 +22,10 @@ from h3pretrain.errors import InputFileError
 EOS = 2
 
 
-from conftest import prep_settings as _settings
+from conftest import corpus_docs, prep_settings as _settings
 
 
-def _docs(corpus):
-    docs = []
-    for path in sorted(Path(corpus).glob("*.jsonl.zst")):
-        data = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True).read()
-        docs += [json.loads(line)["text"] for line in data.decode().splitlines()]
-    return docs
+_docs = corpus_docs
 
 
 def _stream(root, split):

@@ -3,22 +3,14 @@ kind) trained here with the `tokenizers` library, no downloads. prep -> train ->
 generate, the export encodes exactly as prep did, EOS comes from the tokenizer (and an imported
 released-vocabulary model exported without one gets GPT-2's 50256)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import prep_settings
+from conftest import corpus_docs, prep_settings
 
 
-def _texts(corpus):
-    import zstandard
-
-    docs = []
-    for path in sorted(Path(corpus).glob("*.jsonl.zst")):
-        data = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True).read()
-        docs += [json.loads(line)["text"] for line in data.decode().splitlines()]
-    return docs
+_texts = corpus_docs
 
 
 @pytest.fixture(scope="module")
