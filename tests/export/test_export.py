@@ -220,7 +220,7 @@ def test_tokenizer_matches_sentencepiece(prepared, corpus, tmp_path):
         ids = sp.encode(text)
         assert tok(text)["input_ids"] == ids  # no BOS/EOS added, like our data
         assert tok.decode(ids) == text == sp.decode(ids)
-    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2) and len(tok) == sp.get_piece_size()
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2) and len(tok) == sp.vocab_size
 
 
 def test_import_h3_then_export_hf_equals_imported_model(tmp_path, capsys):
