@@ -25,7 +25,10 @@ def find_tokenizer(cfg: Config, override: str | Path | None = None, source: str 
     directory (checked against its manifest's sha256). None when there is none."""
     from data_prep.tokenizer import load_tokenizer, sha256_file, tokenizer_file
 
-    recorded = _manifest_tokenizer(cfg)
+    from ..checkpoint.model_dir import is_model_dir
+
+    # an import-h3 model directory has no training data: its config's data section is a default
+    recorded = None if source is not None and is_model_dir(source) else _manifest_tokenizer(cfg)
     if override:
         path = tokenizer_file(override)
         load_tokenizer(path)  # refuses a file that is neither kind of tokenizer

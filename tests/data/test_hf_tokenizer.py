@@ -125,3 +125,10 @@ def test_an_imported_gpt2_vocabulary_model_exports_with_eos_50256(tmp_path, gpt2
     assert capsys.readouterr().out.startswith("x = ")
     assert main(["import-h3", str(tmp_path / "small.pt"), "--preset", "tiny", "--set", "model.vocab_size=601",
                  "--tokenizer", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")]) == 2
+    # imported without one, the tokenizer given to generate (whatever data/shards the working directory holds)
+    assert main(["import-h3", str(tmp_path / "small.pt"), "--preset", "tiny", "--set", "model.vocab_size=601",
+                 "--out", str(tmp_path / "no-tok")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "no-tok"), "--tokenizer", str(gpt2_like), "--prompt", "y",
+                 "--max-new-tokens", "2", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("y")
