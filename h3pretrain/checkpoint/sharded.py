@@ -120,7 +120,7 @@ def owned(param: nn.Parameter, key: str | None) -> tuple[int, torch.Tensor] | No
         if valid == 0:
             return None
         value = safe_get_local_fp32_param(param) if key is None else safe_get_local_optimizer_state(param, key)
-        return start, value.narrow(0, 0, valid)
+        return None if value is None else (start, value.narrow(0, 0, valid))  # None: a frozen parameter
     mapping = getattr(param, "_hp_mapping", None)
     if mapping is None:
         return None

@@ -264,7 +264,8 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             recorded = state.get("data_manifest")
             changes = _data_changes(recorded, data.fingerprint()) if recorded else []
             if changes and not train_cfg.allow_data_change:
-                raise ConfigError(f"the data ({', '.join(data.paths)}) differs from the data {resume_from} was trained on "
+                what = f"data.sources ({', '.join(data.paths)})" if data.mixture else f"data.path {data.paths[0]}"
+                raise ConfigError(f"{what} differs from the data {resume_from} was trained on "
                                   f"({'; '.join(changes[:4])}); use the run's data, or set "
                                   "train.allow_data_change=true to continue on this data")
             if changes and rank == 0:

@@ -119,18 +119,20 @@ def test_env_references_in_yaml(tmp_path, monkeypatch):
 
 def test_training_checks_the_tokenizer(prepared, tmp_path):
     from h3pretrain.config import Config, ConfigError
-    from h3pretrain.data import Manifest
+    from h3pretrain.data import TrainingData
     from h3pretrain.train.loop import _check_data
 
     data, _ = prepared
     cfg = Config(data=DataConfig(path=str(data), tokenizer=str(data / "tokenizer.model")))
     cfg.model.vocab_size = 1000
-    _check_data(cfg, Manifest.load(data))
+    _check_data(cfg, TrainingData([(str(data), 1.0)]))
     other = tmp_path / "other.model"
     other.write_bytes((data / "tokenizer.model").read_bytes() + b"x")
     cfg.data.tokenizer = str(other)
     with pytest.raises(ConfigError, match="is not the tokenizer"):
-        _check_data(cfg, Manifest.load(data))
+        _check_data(cfg, TrainingData([(str(data), 1.0)]))
+    cfg.data.tokenizer = str(data)  # the data directory holds its tokenizer.model: accepted as a directory
+    _check_data(cfg, TrainingData([(str(data), 1.0)]))
 
 
 def test_plan_refuses_layouts_that_do_not_fit():
