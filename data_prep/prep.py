@@ -283,11 +283,9 @@ def prepare(settings: PrepSettings, progress: bool = True) -> dict:
     # tokenizer
     for stale in out.glob("spm-*"):  # a training killed mid-way
         shutil.rmtree(stale, ignore_errors=True)
-    if given is not None:  # copied in, with a tokenizer_config.json beside it (it may name the EOS / BOS)
-        copies = [(given.path, tok_path)]
-        if given.kind == "huggingface" and given.path.with_name("tokenizer_config.json").is_file():
-            copies.append((given.path.with_name("tokenizer_config.json"), out / "tokenizer_config.json"))
-        for src, dst in copies:
+    if given is not None:
+        for src, name in given.files():
+            dst = out / name
             if not dst.exists() or sha256_file(dst) != sha256_file(src):
                 shutil.copyfile(src, str(dst) + ".tmp")
                 os.replace(str(dst) + ".tmp", dst)

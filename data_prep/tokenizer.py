@@ -119,6 +119,13 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
+    def files(self) -> list[tuple[Path, str]]:
+        """(file, name to copy it under): what a copy of this tokenizer needs (a tokenizer.json's
+        tokenizer_config.json too, which may name its EOS / BOS)."""
+        config = self.path.with_name("tokenizer_config.json")
+        return [(self.path, self.file_name)] + \
+            ([(config, config.name)] if self.kind == "huggingface" and config.is_file() else [])
+
 
 class SentencePieceTokenizer(Tokenizer):
     kind, file_name = "sentencepiece", "tokenizer.model"

@@ -59,9 +59,8 @@ def _import_h3(args: argparse.Namespace) -> int:
     if tok is not None:  # kept beside the model: export-hf and generate find it there
         import shutil
 
-        shutil.copyfile(tok.path, out / tok.file_name)
-        if tok.kind == "huggingface" and tok.path.with_name("tokenizer_config.json").is_file():
-            shutil.copyfile(tok.path.with_name("tokenizer_config.json"), out / "tokenizer_config.json")
+        for src, name in tok.files():
+            shutil.copyfile(src, out / name)
     print(f"imported {model.num_parameters():,} parameters ({args.preset}) -> {out}"
           + (f", tokenizer {tok.path.name}" if tok else ""))
     return 0
@@ -301,17 +300,13 @@ def _generate_batch(args: argparse.Namespace, model, tok, prompts: list[str], de
 
     import torch
 
-    from .generate import generate
+    from .generate import generate, left_pad
 
     encoded = [tok.encode(p) for p in prompts]
     if not all(encoded):
         raise UserError(f"--prompts {args.prompts}: a prompt encodes to no tokens")
-    width = max(map(len, encoded))
-    ids = torch.full((len(encoded), width), tok.eos_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, e in enumerate(encoded):  # left padding: the pads are masked out of every layer
-        ids[row, width - len(e):] = torch.tensor(e)
-        mask[row, width - len(e):] = 1
+    ids, mask = left_pad(encoded, tok.eos_id)  # the pads are masked out of every layer
+    width = ids.shape[1]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
     eos = None if args.ignore_eos else tok.eos_id

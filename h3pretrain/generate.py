@@ -27,6 +27,18 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (B, L) token ids and attention mask (0 at the pads), padded
+    on the left: what generate(..., attention_mask=...) takes."""
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
 class Decoder:
     """The prompt in convolution mode, then one token per step, over a cache allocated once for
     `batch_size` rows of up to `max_seqlen` tokens (reusable: each prompt starts it afresh)."""

@@ -54,9 +54,9 @@ class MixtureSchedule:
 
     def taken_before(self, batch: int) -> np.ndarray:
         """(sources,) samples each source gave in batches 0 .. batch - 1."""
-        known, total = self._known
-        if batch < known:
-            known, total = 0, np.zeros_like(total)
+        known, total = self._known  # (one read: the prefetch thread and the logging thread both ask)
+        if batch < known:  # a little behind the furthest batch asked for: step back, keep the cache
+            return total - self.counts(np.arange(batch, known)).sum(axis=0)
         for start in range(known, batch, _BLOCK):
             total = total + self.counts(np.arange(start, min(batch, start + _BLOCK))).sum(axis=0)
         self._known = (batch, total)

@@ -18,7 +18,7 @@ from conftest import tiny_config
 from h3pretrain.cli import main
 from h3pretrain.checkpoint import load_checkpoint_model, load_model_source
 from h3pretrain.export.hf import export_hf
-from h3pretrain.generate import generate
+from h3pretrain.generate import generate, left_pad
 from h3pretrain.model import HybridLM
 from h3pretrain.checkpoint import load_model_dir, model_from_state
 
@@ -113,15 +113,6 @@ def test_hf_beam_search_and_sampling_with_the_recurrent_cache(tmp_path):
         hf(prompt, attention_mask=torch.tensor([[1] * 6 + [0] * 3, [1] * 9]))
 
 
-def _left_padded(prompts: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p):], mask[i, L - len(p):] = p, 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_a_left_padded_batch_gives_every_row_what_it_gives_alone(name, tmp_path):
     """Prompts of 1 to 11 tokens as one left-padded batch: greedy tokens of every row equal that
@@ -131,7 +122,7 @@ def test_a_left_padded_batch_gives_every_row_what_it_gives_alone(name, tmp_path)
     export_hf(ours.config, ours.state_dict(), tmp_path / "hf")
     hf = _load_hf(tmp_path / "hf")
     prompts = [torch.randint(3, 90, (n,)) for n in (7, 1, 11, 4)]
-    ids, mask = _left_padded(prompts, pad=2)
+    ids, mask = left_pad([p.tolist() for p in prompts], pad_id=2)
     mine = generate(ours, ids, 8, attention_mask=mask)
     theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     for i, p in enumerate(prompts):
