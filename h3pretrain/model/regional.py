@@ -23,6 +23,7 @@ compiles without a graph break around its convolution.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Iterable
 
 import torch
@@ -30,6 +31,8 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..config import RECOMPUTE_MODES
+
+log = logging.getLogger("h3pretrain.train")
 
 
 def _saved_ops() -> set:
@@ -107,3 +110,57 @@ def apply_compile(blocks: Iterable[nn.Module]) -> None:
     inductor_config.fallback_random = True
     for block in blocks:
         block.compile()
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """What torch.compile raises when tracing or code generation fails (inductor's errors derive
+    from dynamo's BackendCompilerFailed, itself a TorchDynamoException)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return (TorchDynamoException,)
+
+
+class CompiledBlocks:
+    """Blocks compiled in place (apply_compile). strict=False (train.compile=auto): the first compile
+    error in any block's call turns every block back to eager, with one warning, and that call runs
+    eager; `failure` then says why. The backward graphs are compiled with their forward (not at the
+    first backward), so a failure never surfaces halfway through a backward pass."""
+
+    def __init__(self, blocks: Iterable[nn.Module], strict: bool):
+        self.blocks, self.strict = list(blocks), strict
+        self.failure: str | None = None
+        apply_compile(self.blocks)
+        if not strict:
+            import torch._functorch.config as functorch_config
+
+            functorch_config.force_non_lazy_backward_lowering = True
+            for block in self.blocks:
+                self._guard(block)
+
+    @property
+    def active(self) -> bool:
+        return self.failure is None
+
+    def _guard(self, block: nn.Module) -> None:
+        compiled = block._compiled_call_impl
+
+        def call(*args, **kwargs):
+            if self.failure is None:
+                try:
+                    return compiled(*args, **kwargs)
+                except compile_errors() as err:
+                    self.fall_back(err)
+            return block._call_impl(*args, **kwargs)
+
+        block._compiled_call_impl = call
+
+    def fall_back(self, err: BaseException) -> None:
+        def first_line(e: BaseException) -> str:
+            return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+        cause = getattr(err, "inner_exception", None)  # the backend's own error
+        self.failure = f"{type(err).__name__} ({first_line(cause)})" if cause is not None else first_line(err)
+        log.warning("torch.compile failed (%s); continuing without it (train.compile=auto: set "
+                    "train.compile=false to skip compiling, true to stop on such an error)", self.failure)
+        for block in self.blocks:
+            block._compiled_call_impl = None

@@ -137,9 +137,9 @@ def _forward_step(data_iterator, model: StageModule):
     return model(tokens), _loss_func
 
 
-def run_schedule(chunks: list[StageModule], microbatches: list[torch.Tensor], forward_only: bool = False) -> float:
+def run_schedule(chunks: list[StageModule], microbatches: list[torch.Tensor], forward_only: bool = False) -> torch.Tensor | float:
     """Forward (and backward) of all micro-batches through the pipeline. Returns the mean loss on the
-    last stage (0.0 elsewhere); gradients accumulate into the parameters' .grad."""
+    last stage, on the device (0.0 elsewhere); gradients accumulate into the parameters' .grad."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron.core import parallel_state as ps
@@ -153,7 +153,7 @@ def run_schedule(chunks: list[StageModule], microbatches: list[torch.Tensor], fo
         forward_only=forward_only)
     if not out:
         return 0.0
-    return float(torch.stack([o["loss"] for o in out]).mean())
+    return torch.stack([o["loss"].detach().float() for o in out]).mean()
 
 
 def tie_embedding_grads(chunks: list[StageModule]) -> None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,13 +26,21 @@ from ..checkpoint import canonical, sharded
 from ..config import Config, ConfigError
 from ..model import HybridLM
 from ..model.layers import LayerFactory
-from ..model.regional import apply_compile, apply_recompute, compile_wanted
+from ..model.regional import CompiledBlocks, apply_recompute, compile_wanted
 from ..parallel.layout import DeepSpeedMPU, Layout, check_model, initialize, zero_group
 from ..parallel.layout import local_batch as batch_per_rank
 from ..parallel.pipeline import StageModule, partition, run_schedule, schedule_config, tie_embedding_grads
 from .optim import build_optimizer, deepspeed_config
 
 log = logging.getLogger("h3pretrain.train")
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    """The global mean loss of the step."""
+    flags: tuple[float, ...]
+    """Each flag the caller passed to train_step, summed over all ranks."""
 
 
 class TrainingEngine:
@@ -82,8 +92,8 @@ class TrainingEngine:
             self.models.append(model.to(device))
         blocks = [block for model in self.models for block in model.backbone.layers.values()]
         apply_recompute(blocks, train_cfg.recompute)
-        self.compiled = compile_wanted(train_cfg.compile, device)
-        if self.compiled:
+        self.compiling: CompiledBlocks | None = None
+        if compile_wanted(train_cfg.compile, device):
             if train_cfg.zero_stage == 3:
                 # ZeRO-3 then gathers a block's parameters once, in the block's own pre-forward hook
                 # (outside the traced code), instead of per submodule inside the compiled graph.
@@ -91,7 +101,10 @@ class TrainingEngine:
 
                 for block in blocks:
                     set_z3_leaf_module(block, True)
-            apply_compile(blocks)
+            self.compiling = CompiledBlocks(blocks, strict=train_cfg.compile is True)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if train_cfg.precision == "bf16" else nullcontext()
+        if self.compiling is not None and not self.compiling.strict and layout.pp == 1:
+            self._compile_now(seq_len)  # before DeepSpeed hooks the gradients
 
         self.local_batch = local_batch = batch_per_rank(train_cfg, layout.dp)
         if layout.pp == 1:
@@ -109,7 +122,6 @@ class TrainingEngine:
         optimizer, self.optimizer_name = build_optimizer(self.module, train_cfg)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds,
                                                     mpu=DeepSpeedMPU())
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if train_cfg.precision == "bf16" else nullcontext()
         # DeepSpeed's WarmupCosineLR starts at iteration -1 (lr 0) and its linear warmup is 0 at
         # iteration 0: two steps without learning. Step k (1-based) uses iteration k: lr * k / warmup.
         self.engine.lr_scheduler.step(1)
@@ -124,6 +136,30 @@ class TrainingEngine:
             self.engine.optimizer._hp_optimizer_states_linked = False
             self.engine.optimizer._lazy_init_hp_params_optimizer_state()
 
+    @property
+    def compiled(self) -> bool:
+        """The blocks run compiled (False once train.compile=auto fell back to eager)."""
+        return self.compiling is not None and self.compiling.active
+
+    @property
+    def compile_failure(self) -> str | None:
+        return self.compiling.failure if self.compiling is not None else None
+
+    def _compile_now(self, seq_len: int) -> None:
+        """Compiles the blocks before the first step with one forward and backward of a dummy
+        micro-batch at the training shapes (the real steps then find the graphs compiled), so that a
+        compile failure under train.compile=auto is known, and said, before training starts. Every
+        rank does the same (the layers' collectives match); the RNG and the gradients are left as
+        they were."""
+        model = self.models[0]
+        ids = torch.zeros(self.cfg.train.micro_batch, seq_len + 1, dtype=torch.long)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            with self.autocast:
+                logits = model(self._local(ids)[:, :-1])
+            model.loss(logits, self._local(ids)[:, 1:]).backward()
+        for p in model.parameters():
+            p.grad = None
+
     # ---- steps ----------------------------------------------------------------------------
 
     def _finalize_grads(self, *_args, **_kwargs) -> None:
@@ -134,12 +170,17 @@ class TrainingEngine:
             logits = self.engine(batch[:, :-1])
         return self.models[0].loss(logits, batch[:, 1:])
 
-    def _mean_over_last_stage(self, value: float) -> float:
-        """The loss lives on the last stage (every TP and DP rank of it): its mean, on every rank."""
+    def _reduce(self, local: torch.Tensor | float, flags: Sequence[float] = ()) -> tuple[float, tuple[float, ...]]:
+        """One all-reduce and one host read: the loss lives on the last stage (every TP, CP and DP rank
+        of it), so its mean over those ranks, on every rank; and each flag summed over all ranks."""
         layout = self.layout
-        t = torch.tensor([value if layout.is_last_stage else 0.0], dtype=torch.float64, device=self.device)
+        value = torch.as_tensor(local, dtype=torch.float64, device=self.device).reshape(1)
+        if not layout.is_last_stage:
+            value = torch.zeros_like(value)
+        t = torch.cat([value, torch.tensor([float(f) for f in flags], dtype=torch.float64, device=self.device)])
         dist.all_reduce(t)
-        return float(t) / (layout.tp * layout.dp * layout.cp)
+        loss, *summed = t.tolist()
+        return loss / (layout.tp * layout.dp * layout.cp), tuple(summed)
 
     def _local(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's rows of the global batch -> what it computes: its piece of every sequence
@@ -148,8 +189,10 @@ class TrainingEngine:
         batch = batch.to(self.device, non_blocking=True)
         return self.context.piece(batch) if self.context is not None else batch
 
-    def train_step(self, batch: torch.Tensor, before_step=None) -> float:
-        """One optimizer step on this rank's rows of the global batch; returns the global mean loss.
+    def train_step(self, batch: torch.Tensor, before_step=None, flags: Sequence[float] = ()) -> StepResult:
+        """One optimizer step on this rank's rows of the global batch. The step reads the device once:
+        the losses of its micro-batches stay on the device until one all-reduce that also sums the
+        caller's `flags` over all ranks (a stop request rides along at no extra sync).
         before_step(): called with the reduced gradients in place, just before the update."""
         batch = self._local(batch)
         micro = list(batch.split(self.cfg.train.micro_batch))
@@ -161,8 +204,8 @@ class TrainingEngine:
                 if before_step is not None and i == len(micro) - 1:
                     before_step()
                 self.engine.step()
-                losses.append(loss.item())
-            local = sum(losses) / len(losses)
+                losses.append(loss.detach())
+            local = torch.stack(losses).double().mean()
         else:
             with self.autocast:
                 local = run_schedule(self.stages, micro)
@@ -170,17 +213,18 @@ class TrainingEngine:
             if before_step is not None:
                 before_step()
             self.engine.step()
-        return self._mean_over_last_stage(local)
+        loss, summed = self._reduce(local, flags)
+        return StepResult(loss, summed)
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> float:
         batch = self._local(batch)
         if self.layout.pp == 1:
-            local = self._loss(batch).item()
+            local = self._loss(batch)
         else:
             with self.autocast:
                 local = run_schedule(self.stages, list(batch.split(self.cfg.train.micro_batch)), forward_only=True)
-        return self._mean_over_last_stage(local)
+        return self._reduce(local)[0]
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

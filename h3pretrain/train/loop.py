@@ -197,6 +197,12 @@ class _StartGuard:
                 self.run_dir.rmdir()
 
 
+def _compile_said(engine: TrainingEngine) -> str:
+    if engine.compile_failure:
+        return f"off (failed, running eager: {engine.compile_failure})"
+    return "on" if engine.compiled else "off"
+
+
 def train(cfg: Config, stop: StopRequest | None = None) -> int:
     """Trains (or resumes) one run. `stop` is installed by the caller as early as it can be (the CLI
     does so before importing torch), so a preemption during start-up is honoured too."""
@@ -245,7 +251,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
         kernels = choose_flashconv(cfg, device, seq_len // layout.cp, layout.tp, layout.cp)
         if rank == 0:
             log.info("FlashConv: %s (%s) | torch.compile: %s | recompute: %s", kernels["implementation"],
-                     kernels["reason"], "on" if engine.compiled else "off", train_cfg.recompute)
+                     kernels["reason"], _compile_said(engine), train_cfg.recompute)
         starting_stop()
         loader = data.train_batches(global_batch=train_cfg.global_batch, dp_rank=layout.dp_rank, dp_size=layout.dp,
                                     seed=cfg.data.seed)
@@ -301,7 +307,8 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
     tracker = Tracker(cfg, run_dir, train_cfg.steps) if rank == 0 else None
     if tracker:
         tracker.log_params({"flashconv.implementation": kernels["implementation"],
-                            "flashconv.reason": kernels["reason"], "train.compiled": str(engine.compiled)})
+                            "flashconv.reason": kernels["reason"], "train.compiled": str(engine.compiled),
+                           **({"train.compile_failure": engine.compile_failure} if engine.compile_failure else {})})
     flops_per_token = train_flops_per_token(cfg.model, seq_len)
     peak = peak_tflops(train_cfg.peak_tflops) * 1e12 * world
     n_params = engine.num_parameters()
@@ -358,7 +365,8 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
     def write_status(state: str, extra: dict | None = None) -> None:
         guard.write({"state": state, "step": step, "steps": train_cfg.steps, "tokens": tokens,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "flashconv": kernels["implementation"],
-                     "compiled": engine.compiled, **(extra or {})})
+                     "compiled": engine.compiled,
+                     **({"compile_failure": engine.compile_failure} if engine.compile_failure else {}), **(extra or {})})
 
     if step >= train_cfg.steps:
         if rank == 0:
@@ -371,6 +379,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
     engine.train(True)
     prefetch = Prefetcher(loader, step * train_cfg.global_batch, stop)
     last_saved, last_loss = step, float("nan")
+    compile_failure_said = engine.compile_failure
     write_status("running")
     try:
         if eval_due:  # the evaluation of the resumed step was cut short by the stop that saved it
@@ -379,14 +388,19 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             t0 = time.time()
             batch = prefetch.get()
             lr = engine.lr()  # what this step's optimizer update uses
-            last_loss = engine.train_step(batch)
+            result = engine.train_step(batch, flags=(stop.requested,))  # the step's one host sync
+            last_loss, stop_asked = result.loss, result.flags[0] > 0
+            if engine.compile_failure != compile_failure_said:  # train.compile=auto fell back during the run
+                compile_failure_said = engine.compile_failure
+                write_status("running")
+                if tracker:
+                    tracker.log_params({"train.compiled": "False", "train.compile_failure": compile_failure_said})
             step += 1
             tokens += train_cfg.global_batch * seq_len
-            grad_norm = engine.grad_norm()
             elapsed = time.time() - t0
             if rank == 0 and (step % train_cfg.log_every == 0 or step == train_cfg.steps):
                 tps = train_cfg.global_batch * seq_len / elapsed
-                m = {"loss": last_loss, "lr": lr, "grad_norm": grad_norm,
+                m = {"loss": last_loss, "lr": lr, "grad_norm": engine.grad_norm(),
                      "tokens_per_s": tps, "mfu": tps * flops_per_token / peak if peak else 0.0,
                      "memory_gb": memory_gb(), "tokens": tokens}
                 if data.mixture:  # tokens seen per source
@@ -394,7 +408,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                               zip(data.names, loader.samples_per_source(step * train_cfg.global_batch))})
                 tracker.log(step, m)
                 tracker.progress(step, m)
-            if any_rank(stop.requested, device):
+            if stop_asked:
                 raise Stopped("stop requested")
             if train_cfg.eval_every and step % train_cfg.eval_every == 0:
                 run_eval()

@@ -89,3 +89,51 @@ def test_plan_memory_follows_recompute():
     assert activations["block"] == pytest.approx(len(kinds) * 4 * m.d_model * tokens + largest + logits)
     h3_selective = 4 * m.d_model + 18 * m.d_model
     assert layer_activation_bytes(m, "h3", 2048, 1, "selective") == h3_selective
+
+
+def _failing_backend(monkeypatch, where: str):
+    """inductor raises while compiling the forward graph ("forward") or the backward one ("backward")."""
+    import torch._inductor.compile_fx as compile_fx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"planted {where} failure")
+
+    monkeypatch.setattr(compile_fx, "compile_fx" if where == "forward" else "compile_fx_backward", broken)
+
+
+@pytest.mark.parametrize("where", ["forward", pytest.param("backward", marks=pytest.mark.slow)])
+def test_auto_compile_that_fails_falls_back_to_eager_with_one_warning(eager, monkeypatch, caplog, where):
+    """train.compile=auto semantics (strict=False): a compile error turns every block back to eager, the
+    call that hit it runs eager, and the results are eager's bit for bit. The backward graph is
+    compiled with the forward, so its failure is caught there too, before any backward runs."""
+    from h3pretrain.model.regional import CompiledBlocks
+
+    torch._dynamo.reset()
+    _failing_backend(monkeypatch, where)
+    torch.manual_seed(0)
+    model = HybridLM(tiny_config(**CFG))
+    blocks = list(model.backbone.layers.values())
+    compiling = CompiledBlocks(blocks, strict=False)
+    ids = torch.randint(0, 97, (3, 49), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)
+    with caplog.at_level("WARNING", logger="h3pretrain.train"):
+        loss = model.loss(model(ids[:, :-1]), ids[:, 1:])
+    loss.backward()
+    assert not compiling.active and f"RuntimeError: planted {where} failure" in compiling.failure
+    assert compiling.failure.startswith("BackendCompilerFailed")
+    assert [r.getMessage().count("torch.compile failed") for r in caplog.records] == [1]
+    assert all(b._compiled_call_impl is None for b in blocks)
+    assert torch.equal(loss.detach(), eager[0])
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, eager[1][name]), name
+
+
+def test_strict_compile_raises(monkeypatch):
+    from h3pretrain.model.regional import CompiledBlocks, compile_errors
+
+    torch._dynamo.reset()
+    _failing_backend(monkeypatch, "forward")
+    model = HybridLM(tiny_config(**CFG))
+    CompiledBlocks(list(model.backbone.layers.values()), strict=True)
+    with pytest.raises(compile_errors()):
+        model(torch.zeros(1, 8, dtype=torch.long))

@@ -53,7 +53,7 @@ def main() -> None:
             if writer:
                 torch.save(grads, out / f"grads-stage{layout.pp_rank}-step{step}.pt")
 
-        losses.append(engine.train_step(local, before_step=dump))
+        losses.append(engine.train_step(local, before_step=dump).loss)
         norms.append(engine.grad_norm())
     weights = engine.collect(optimizer_state=True)
     if writer:

@@ -566,3 +566,41 @@ def test_mixture_resumes_bitwise_after_sigkill_and_under_another_data_parallel_s
     # other weights: refused as a change of data
     changed = run(data, two, **{**extra, "data.sources": sources.replace("weight: 1,", "weight: 2,"), "steps": 9})
     assert changed == 2 and "weights" in Path(str(two) + ".log").read_text()
+
+
+FAILING_COMPILE = """
+import sys
+import torch._inductor.compile_fx as compile_fx
+from h3pretrain.model import regional
+def broken(*args, **kwargs):
+    raise RuntimeError("planted inductor failure")
+compile_fx.compile_fx = broken
+regional.compile_wanted = lambda setting, device: setting == "auto" or bool(setting)  # auto: on, as on CUDA
+from h3pretrain.cli import main
+sys.exit(main())
+"""
+
+
+def test_auto_compile_that_fails_trains_eager_and_says_so(reference, tmp_path):
+    """train.compile=auto whose compile fails (a planted inductor error): one warning, the run trains
+    eager with the losses of the eager reference bit for bit, and the start log, status.json and
+    mlflow say compiled false with the reason; train.compile=true stops on the same error."""
+    from mlflow.tracking import MlflowClient
+
+    data, ref_dir = reference
+    run_dir = tmp_path / "run"
+    extra = {"model.embed_dropout": 0.1, "model.attn_dropout": 0.1}
+    assert run(data, run_dir, python_code=FAILING_COMPILE, **extra) == 0
+    log = Path(str(run_dir) + ".log").read_text()
+    assert log.count("torch.compile failed (BackendCompilerFailed (RuntimeError: planted inductor failure))") == 1
+    assert "torch.compile: off (failed, running eager: BackendCompilerFailed" in log
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["compiled"] is False
+    assert "planted inductor failure" in status["compile_failure"]
+    params = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(
+        (run_dir / "mlflow_run_id").read_text().strip()).data.params
+    assert params["train.compiled"] == "False" and "planted inductor failure" in params["train.compile_failure"]
+    assert losses(run_dir) == losses(ref_dir)
+    strict = tmp_path / "strict"
+    assert run(data, strict, python_code=FAILING_COMPILE, compile="true", **extra) not in (0, 75)
+    assert "planted inductor failure" in Path(str(strict) + ".log").read_text()
