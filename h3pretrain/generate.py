@@ -1,11 +1,15 @@
 """Recurrent generation: the prompt runs once in convolution mode, then one O(1) step per token."""
 from __future__ import annotations
 
+import logging
+import math
 from typing import Callable
 
 import torch
 
 from .model import HybridLM
+
+log = logging.getLogger("h3pretrain.generate")
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -122,6 +126,58 @@ class CUDAGraphDecoder(Decoder):
         return self.logits
 
 
+class CheckedGraphDecoder(Decoder):
+    """CUDA-graph decoding that trusts the graph only once its first `check_steps` steps have matched
+    eager decoding (the same tokens through a second cache; freed after the check). A capture that
+    fails, or a step whose logits differ from eager's by more than `tolerance` (max |difference|
+    over max |logit|) or are not finite, gives one warning and eager decoding from there on: the
+    tokens are those eager decoding gives."""
+
+    def __init__(self, model: HybridLM, batch_size: int, max_seqlen: int, check_steps: int = 4,
+                 tolerance: float = 1e-2):
+        self.model, self.check_steps, self.tolerance = model.eval(), check_steps, tolerance
+        self.eager: Decoder | None = Decoder(model, batch_size, max_seqlen)
+        self.graph: CUDAGraphDecoder | None = None
+        self.checked = 0
+        try:
+            self.graph = CUDAGraphDecoder(model, batch_size, max_seqlen)
+        except (RuntimeError, ValueError) as err:
+            self._fall_back(f"the capture failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+
+    @property
+    def cache(self):
+        return (self.eager or self.graph).cache
+
+    def _fall_back(self, why: str) -> None:
+        log.warning("CUDA-graph decoding is off (%s): decoding eagerly", why)
+        self.graph = None
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.graph is None:
+            return self.eager.prefill(input_ids, attention_mask)
+        logits = self.graph.prefill(input_ids, attention_mask)
+        if self.eager is not None:
+            self.eager.prefill(input_ids, attention_mask)
+        return logits
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        if self.graph is None:
+            return self.eager.step(token)
+        if self.eager is None:
+            return self.graph.step(token)
+        logits, expected = self.graph.step(token), self.eager.step(token)
+        error = ((logits.float() - expected.float()).abs().max() / expected.float().abs().max().clamp_min(1e-30)).item()
+        if not math.isfinite(error) or error > self.tolerance:
+            self._fall_back(f"step {self.checked + 1} differs from eager decoding by {error:.3g} (tolerance "
+                            f"{self.tolerance:g})")
+            return expected
+        self.checked += 1
+        if self.checked >= self.check_steps:
+            self.eager = None  # checked: the second cache is freed
+        return logits
+
+
 @torch.inference_mode()
 def generate(model: HybridLM, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
@@ -133,10 +189,11 @@ def generate(model: HybridLM, input_ids: torch.Tensor, max_new_tokens: int, *, t
     attention_mask (B, L): prompts of different lengths, left-padded (0 for the pads); every row
     gets exactly the tokens it gets alone.
     `decoder`: one to reuse (its batch size must match, its max_seqlen suffice); otherwise a Decoder,
-    or a CUDAGraphDecoder with `cuda_graph`, is made for this call."""
+    or with `cuda_graph` a CheckedGraphDecoder (CUDA graphs, checked against eager decoding), is made
+    for this call."""
     B, L = input_ids.shape
     if decoder is None:
-        decoder = (CUDAGraphDecoder if cuda_graph else Decoder)(model, B, L + max_new_tokens)
+        decoder = (CheckedGraphDecoder if cuda_graph else Decoder)(model, B, L + max_new_tokens)
     elif decoder.cache.batch_size != B or decoder.cache.max_seqlen < L + max_new_tokens - 1:
         raise ValueError(f"the decoder holds {decoder.cache.batch_size} rows of {decoder.cache.max_seqlen} tokens: "
                          f"too few for {B} rows of {L} + {max_new_tokens} new")

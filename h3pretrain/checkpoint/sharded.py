@@ -13,6 +13,7 @@ the ZeRO stage may all change. Parameters replicated over the TP group are writt
 """
 from __future__ import annotations
 
+import logging
 import math
 import pickle
 import warnings
@@ -25,6 +26,8 @@ from torch import nn
 
 from ..errors import InputFileError
 from .canonical import ADAM_KEYS, is_tp_sharded, named_params
+
+log = logging.getLogger("h3pretrain.checkpoint")
 
 STATE_DIR = "state"
 Box = tuple[tuple[int, ...], torch.Tensor]  # offsets in the full tensor, the box's values
@@ -253,10 +256,27 @@ def _to_host(box: torch.Tensor) -> torch.Tensor:
     from a GPU into pinned memory, without waiting per tensor."""
     box = box.detach()
     if box.is_cuda:
-        out = torch.empty(box.shape, dtype=torch.float32, pin_memory=True)
-        out.copy_(box, non_blocking=True)
+        out = host_buffer(box.shape, pinned=True)
+        out.copy_(box, non_blocking=out.is_pinned())
         return out
     return box.to("cpu", torch.float32, copy=True).contiguous()
+
+
+_pinning_failed: list[str] = []  # once pinning has failed in this process, it is not tried again
+
+
+def host_buffer(shape: torch.Size | tuple[int, ...], pinned: bool) -> torch.Tensor:
+    """An fp32 host tensor; pinned (page-locked, for asynchronous device-to-host copies) when asked
+    and possible. A failed pinned allocation (the driver's page-locked limit, a container's memlock
+    limit) falls back to pageable memory with one warning: the save is slower, not lost."""
+    if pinned and not _pinning_failed:
+        try:
+            return torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        except RuntimeError as err:
+            _pinning_failed.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
+            log.warning("pinned host memory for a checkpoint could not be allocated (%s): using pageable memory "
+                        "(device-to-host copies then wait for each tensor)", _pinning_failed[0])
+    return torch.empty(shape, dtype=torch.float32)
 
 
 def write(state: dict[str, Pieces], directory: Path, group) -> list[Path]:

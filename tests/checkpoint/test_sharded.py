@@ -70,3 +70,25 @@ def test_metadata_naming_anything_else_is_refused_without_running_it(tmp_path):
     with pytest.raises(InputFileError, match="is not checkpoint metadata this program wrote: io.open"):
         sharded.read_full(tmp_path)
     assert not marker.exists()
+
+
+def test_a_failed_pinned_allocation_falls_back_to_pageable_memory(monkeypatch, caplog):
+    """The background save copies a GPU's share into pinned host memory; when pinning fails (here a
+    planted failure, the one a CPU-only build gives) the buffers are pageable, with one warning."""
+    from h3pretrain.checkpoint import sharded
+
+    real_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("planted: cannot pin memory (memlock limit)")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(sharded, "_pinning_failed", [])
+    monkeypatch.setattr(sharded.torch, "empty", empty)
+    with caplog.at_level("WARNING", logger="h3pretrain.checkpoint"):
+        buffers = [sharded.host_buffer((3, 5), pinned=True) for _ in range(3)]
+    assert all(b.shape == (3, 5) and b.dtype == torch.float32 and not b.is_pinned() for b in buffers)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "planted: cannot pin memory" in warnings[0] and "pageable" in warnings[0]
+    assert sharded.host_buffer((2,), pinned=False).shape == (2,)

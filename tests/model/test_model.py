@@ -162,3 +162,55 @@ def test_init_follows_gpt2_rescaling():
     assert std("backbone.embeddings.word_embeddings.weight") == pytest.approx(0.02, rel=0.05)
     assert dict(model.named_parameters())["backbone.layers.0.mixer.q_proj.bias"].abs().max() == 0
     assert not any("position" in n for n, _ in model.named_parameters())
+
+
+class _FakeGraphDecoder(Decoder):
+    """Stands in for CUDAGraphDecoder on a CPU: eager decoding whose steps from `wrong_from` on are off."""
+    wrong_from = None
+
+    def __init__(self, model, batch_size, max_seqlen):
+        super().__init__(model, batch_size, max_seqlen)
+        self.steps = 0
+
+    def step(self, token):
+        self.steps += 1
+        logits = super().step(token)
+        return logits.roll(1, -1) if self.wrong_from is not None and self.steps >= self.wrong_from else logits
+
+
+@pytest.mark.parametrize("wrong_from", [None, 2, 9])
+def test_cuda_graph_decoding_is_checked_against_eager_and_falls_back(monkeypatch, caplog, wrong_from):
+    """generate(cuda_graph=True): the graph's first 4 steps are compared with eager decoding. A graph
+    that agrees is trusted from then on (the eager cache is freed); one that differs gives one warning
+    and eager decoding, so the tokens are eager's either way. Steps after the check are not compared."""
+    import h3pretrain.generate as gen
+
+    model = _model(attn_rotary_dim=4)
+    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    expected = generate(model, prompt, 12)
+    monkeypatch.setattr(gen, "CUDAGraphDecoder", type("Fake", (_FakeGraphDecoder,), {"wrong_from": wrong_from}))
+    decoder = gen.CheckedGraphDecoder(model, 2, 7 + 12)
+    with caplog.at_level("WARNING", logger="h3pretrain.generate"):
+        out = generate(model, prompt, 12, decoder=decoder)
+    warnings = [r.getMessage() for r in caplog.records]
+    if wrong_from == 2:
+        assert torch.equal(out, expected)
+        assert len(warnings) == 1 and "step 2 differs from eager decoding" in warnings[0]
+        assert decoder.graph is None
+    else:
+        assert warnings == [] and decoder.eager is None and decoder.checked == 4
+        if wrong_from is None:
+            assert torch.equal(out, expected)
+        else:  # a graph that goes wrong after the check is not caught (the check is for the capture)
+            assert not torch.equal(out, expected)
+
+
+def test_a_cuda_graph_that_cannot_be_captured_decodes_eagerly(caplog):
+    model = _model(attn_rotary_dim=4)  # on the CPU: the capture fails
+    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    with caplog.at_level("WARNING", logger="h3pretrain.generate"):
+        out = generate(model, prompt, 6, cuda_graph=True)
+    assert torch.equal(out, generate(model, prompt, 6))
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA-graph decoding is off (the capture failed: ValueError: CUDA graphs need a CUDA model, this one is on "
+        "cpu): decoding eagerly"]
