@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: help setup test test-fast corpus pretrain bench-prep bench-generate bench-kernels bench-checkpoint gpu-check clean-venv resume status $(SLURM_TARGETS)
+.PHONY: help setup test test-fast test-compat corpus pretrain bench-prep bench-generate bench-kernels bench-checkpoint gpu-check gpu-bundle clean-venv resume status $(SLURM_TARGETS)
 
 help:
 	@echo "make pretrain      set up, build a small corpus, train a tiny hybrid H3 model on CPU"
@@ -24,7 +24,8 @@ help:
 	@echo "make bench-prep    tokenization throughput -> bench/results/prep.md"
 	@echo "make bench-generate  generation tokens/s, hybrid H3 vs transformer (GPU) -> bench/results/"
 	@echo "make bench-kernels   FlashConv vs torch.fft vs SDPA, model tokens/s vs GPT-2 (GPU) -> bench/results/"
-	@echo "make gpu-check     the first command on a GPU: correctness, kernels, models, generation in <= 8 min"
+	@echo "make gpu-bundle    the wheels the lent GPU machine lacks for training (DeepSpeed, megatron-core, ...) -> .whl/"
+	@echo "make gpu-check     the first command on a GPU: correctness, kernels, models, generation, train in <= 9 min"
 	@echo "                   -> bench/results/gpu-check-<gpu>-<date>.{json,md} (CPU: a toy-size smoke check)"
 	@echo "make bench-recompute peak memory per train.recompute mode (125m, L=2048, CPU) -> bench/results/"
 	@echo "make bench-checkpoint checkpoint bytes per rank, extra RSS, blocked time (125m, 4 CPU ranks) -> bench/results/"
@@ -95,6 +96,10 @@ bench-kernels: $(STAMP)
 GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_CHECK_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Wheels for CPython 3.12 of what the trainer needs and the lent GPU machine lacks (carry: [".whl"]).
+gpu-bundle: $(STAMP)
+	$(PY) launch/gpu_bundle.py
 
 # Peak memory of a 125m forward+backward at L=2048 on CPU per train.recompute mode.
 bench-recompute: $(STAMP)

@@ -1,9 +1,11 @@
-"""`make gpu-check`: what a session with one GPU runs first, in at most 8 minutes of wall time.
+"""`make gpu-check`: what a session with one GPU runs first, in at most 9 minutes of wall time.
 
+    make gpu-bundle                              # here, once: the wheels the lent machine lacks (.whl/)
     python bench/gpu_check.py                    # GPU: the sizes below; CPU: toy sizes, a smoke check
 
-Four sections, each in its own process with its own time budget; a section that runs out is
-stopped and the cases it did not reach are recorded as skipped, with the reason:
+Five sections, each in its own process with its own time budget (what a section leaves unused goes
+to the next); a section that runs out is stopped and the cases it did not reach are recorded as
+skipped, with the reason:
 a. correctness: the Triton FlashConv kernels vs the fp32 reference, forward and backward (the
    self-check the trainer runs), L = 1K, 8K, 64K, head_dim 1 and 8, bf16 and fp32; the generation
    step kernels vs their references; CUDA-graph vs eager decoding; convolution vs recurrent mode.
@@ -16,8 +18,12 @@ c. models, regionally compiled, 16K tokens per step, bf16 autocast, fused AdamW:
    memory; the 1.3B hybrid at L = 2K: tokens/s and MFU (6 N FLOPs per token over the dense bf16 peak).
 d. generation: 1.3B hybrid (Triton steps) vs transformer, batch 64, prompts 512 and 2048, 128 new
    tokens, CUDA-graph decoding.
+e. train: the `h3pretrain train` command itself (bench/gpu_check_train.py): prep, the 125m preset
+   at L=2048 compiled and eager, a background checkpoint, SIGKILL and resume, export-hf.
 Writes bench/results/gpu-check-<gpu>-<date>.json and .md beside it (CPU: gpu-check-cpu-smoke.*).
-Imports only torch, Triton and this repository (no DeepSpeed, megatron-core, data libraries).
+Sections a-d import only torch, Triton and this repository. The train section needs DeepSpeed,
+megatron-core, webdataset and zstandard: where they are missing (the lent machine), the wheels of
+`make gpu-bundle` in .whl/ are installed into a temporary folder put on the sections' PYTHONPATH.
 """
 from __future__ import annotations
 
@@ -35,10 +41,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "kernels"), str(HERE)]
 
-TOTAL_BUDGET_S = {"gpu": 470, "cpu": 170}
-SECTION_BUDGET_S = {"gpu": {"correctness": 100, "kernels": 90, "models": 190, "generation": 80},
-                    "cpu": {"correctness": 50, "kernels": 30, "models": 60, "generation": 25}}
-SECTIONS = ("correctness", "kernels", "models", "generation")
+TOTAL_BUDGET_S = {"gpu": 530, "cpu": 330}
+SECTION_BUDGET_S = {"gpu": {"correctness": 70, "kernels": 60, "models": 150, "generation": 60, "train": 180},
+                    "cpu": {"correctness": 50, "kernels": 30, "models": 60, "generation": 25, "train": 150}}
+SECTIONS = ("correctness", "kernels", "models", "generation", "train")
+TRAIN_NEEDS = ("deepspeed", "megatron.core", "webdataset", "zstandard")  # beyond what sections a-d import
 
 
 # ---- sections (run in a child process; each yields the names it plans, then one row per case) ----
@@ -308,16 +315,35 @@ def generation(device, smoke: bool):
         _free(device)
 
 
-SECTION_FUNCTIONS = {"correctness": correctness, "kernels": kernels, "models": models, "generation": generation}
+def train(device, smoke: bool):
+    from gpu_check_train import train as train_section
+
+    yield from train_section(device, smoke)
 
 
-def run_section(name: str, rows_path: Path, smoke: bool) -> None:
-    import torch
+def sleeper(seconds: float):
+    """A stand-in for any section (--test-sleep): plans three cases, reaches one, then sleeps."""
+    yield ["first", "second", "third"]
+    yield {"case": "first", "passed": True}
+    time.sleep(seconds)
+    yield {"case": "second", "passed": True}
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
+
+SECTION_FUNCTIONS = {"correctness": correctness, "kernels": kernels, "models": models, "generation": generation,
+                     "train": train}
+
+
+def run_section(name: str, rows_path: Path, smoke: bool, sleep: float | None = None) -> None:
+    if sleep is not None:
+        items = sleeper(sleep)
+    else:
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(0)
+        items = SECTION_FUNCTIONS[name](device, smoke)
     with open(rows_path, "a") as out:
-        for i, item in enumerate(SECTION_FUNCTIONS[name](device, smoke)):
+        for i, item in enumerate(items):
             out.write(json.dumps({"plan": item} if i == 0 else item, default=str) + "\n")
             out.flush()
             if i:
@@ -348,12 +374,32 @@ def _slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "gpu"
 
 
-def _section(name: str, budget: float, smoke: bool, env: dict) -> dict:
+def bundle_site(needs=TRAIN_NEEDS, wheels_dir: Path = HERE.parent / ".whl") -> tuple[str | None, str]:
+    """(a folder for PYTHONPATH or None, what was found): the packages the train section needs,
+    from the bundle where this Python lacks them."""
+    import importlib.util
+
+    missing = [m for m in needs if importlib.util.find_spec(m.split(".")[0]) is None]
+    if not missing:
+        return None, "installed"
+    wheels = sorted(str(w) for w in wheels_dir.glob("*.whl"))
+    if not wheels:
+        return None, f"missing {', '.join(missing)} and no bundle in {wheels_dir} (`make gpu-bundle` builds it)"
+    site = tempfile.mkdtemp(prefix="gpu-check-site-")
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                           "--no-cache-dir", "--target", site, *wheels], capture_output=True, text=True)
+    if done.returncode != 0:
+        return None, f"installing the bundle failed: {done.stderr.strip()[-300:]}"
+    return site, f"from the bundle ({len(wheels)} wheels) for {', '.join(missing)}"
+
+
+def _section(name: str, budget: float, smoke: bool, env: dict, sleep: float | None = None) -> dict:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         rows_path = Path(tmp) / "rows.jsonl"
         proc = subprocess.Popen([sys.executable, __file__, "--section", name, "--rows", str(rows_path)]
-                                + (["--smoke"] if smoke else []), env=env, start_new_session=True)
+                                + (["--smoke"] if smoke else []) + ([f"--test-sleep={sleep}"] if sleep is not None else []),
+                                env=env, start_new_session=True)
         try:
             code = proc.wait(timeout=budget)
             status = "done" if code == 0 else f"crashed (exit code {code})"
@@ -381,7 +427,7 @@ def _cell(v) -> str:
 def markdown(result: dict) -> str:
     lines = [f"# gpu-check {result['device']} {result['date']}", "",
              f"torch {result['torch']}, Triton {result['triton']}; wall {result['wall_s']} s of a "
-             f"{result['budget_s']} s budget; `{result['command']}`", ""]
+             f"{result['budget_s']} s budget; `{result['command']}`; train packages: {result.get('train_packages')}", ""]
     for name, sec in result["sections"].items():
         lines += [f"## {name}: {sec['status']} ({sec['wall_s']} s of {sec['budget_s']} s)", ""]
         rows = [{k: v for k, v in r.items() if not isinstance(v, (dict, list))} for r in sec["rows"]]
@@ -398,7 +444,7 @@ def markdown(result: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default=str(HERE / "results"))
-    ap.add_argument("--budget", type=float, default=None, help="seconds for everything (default 470 GPU, 170 CPU)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for everything (default 530 GPU, 330 CPU)")
     ap.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                     help="run only these (e.g. a rerun while tuning)")
     ap.add_argument("--section-budgets", nargs="+", default=[], metavar="NAME=SECONDS",
@@ -406,9 +452,10 @@ def main() -> int:
     ap.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--rows", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="toy sizes (the default without CUDA)")
+    ap.add_argument("--test-sleep", type=float, default=None, help=argparse.SUPPRESS)  # the budget tests
     args = ap.parse_args()
     if args.section:
-        run_section(args.section, Path(args.rows), args.smoke)
+        run_section(args.section, Path(args.rows), args.smoke, args.test_sleep)
         return 0
     start = time.time()
     info = _device_info()
@@ -429,15 +476,25 @@ def main() -> int:
         if name not in budgets or not seconds.replace(".", "", 1).isdigit():
             ap.error(f"--section-budgets {item!r}: expected NAME=SECONDS with NAME one of {', '.join(SECTIONS)}")
         budgets[name] = float(seconds)
+    site, result["train_packages"] = (None, "not needed") if "train" not in args.sections or args.test_sleep is not None else bundle_site()
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE.parent / "kernels"), site,
+                                             os.environ.get("PYTHONPATH", "")])
+    unused = 0.0  # what earlier sections left of their budgets
     for name in args.sections:
         left = total - (time.time() - start) - 3
-        budget = min(budgets[name], left)
+        budget = min(budgets[name] + unused, left)
         if left < 10:
             result["sections"][name] = {"status": "skipped: no time left", "budget_s": 0, "wall_s": 0, "rows": [],
                                         "skipped": [{"case": name, "reason": "no time left in the total budget"}]}
             continue
+        if name == "train" and not site and not result["train_packages"].startswith(("installed", "not needed")):
+            result["sections"][name] = {"status": f"skipped: {result['train_packages']}", "budget_s": 0, "wall_s": 0,
+                                        "rows": [], "skipped": [{"case": name, "reason": result["train_packages"]}]}
+            continue
         print(f"== {name} (budget {budget:.0f} s)", flush=True)
-        result["sections"][name] = _section(name, budget, smoke, env)
+        result["sections"][name] = _section(name, budget, smoke, env, args.test_sleep)
+        unused = max(0.0, budget - result["sections"][name]["wall_s"])
     result["wall_s"] = round(time.time() - start, 1)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

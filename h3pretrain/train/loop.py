@@ -353,13 +353,17 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                  "world_size": world, "layout": layout.shape(), "reason": reason, "config": to_dict(cfg),
                  "last_eval_step": last_eval, "data_manifest": data_fingerprint}
         covered = tracker.take_pending() if tracker else None
+        t0 = time.perf_counter()
 
         def complete() -> None:  # rank 0, once the checkpoint counts
             tracker.send(covered)
-            log.info("saved checkpoint %s (%s)", path, reason)
+            log.info("saved checkpoint %s (%s) in %.2f s", path, reason, time.perf_counter() - t0)
 
         path = ckpt.save(engine.save, step, state, background=train_cfg.async_checkpoint,
                          on_complete=complete if tracker else None)
+        if tracker:  # what the save cost the training thread (with a background write: the copy to host memory)
+            tracker.log(step, {"blocked_s": time.perf_counter() - t0,
+                               "background": float(train_cfg.async_checkpoint)}, kind="checkpoint")
         return path
 
     def write_status(state: str, extra: dict | None = None) -> None:

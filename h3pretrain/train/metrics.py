@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -11,6 +12,7 @@ import torch
 
 from ..config import Config, to_dict
 
+log = logging.getLogger("h3pretrain.train")
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0}
 
@@ -88,8 +90,15 @@ class Tracker:
         except (OSError, ValueError):
             self.sent = {}
         self.batch_max: dict[str, int] = {}
+        self.uri = None
         if cfg.train.mlflow:
-            self._start_mlflow(cfg)
+            try:
+                import mlflow  # noqa: F401 - optional: the lent GPU machine and slim installs lack it
+            except ImportError:
+                log.warning("mlflow is not installed: metrics go to %s only (set train.mlflow=false not to ask for it)",
+                            run_dir / "metrics.jsonl")
+            else:
+                self._start_mlflow(cfg)
 
     def _start_mlflow(self, cfg: Config) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
