@@ -64,6 +64,24 @@ def _requirements(dist: str) -> list:
     return [r for r in reqs if r.marker is None or r.marker.evaluate(TARGET_ENV)]
 
 
+def requirement_closure(names) -> set[str]:
+    """The installed distributions `names` need, followed through their requirements (as this
+    environment has them installed), `names` included."""
+    seen: set[str] = set()
+    todo = [normalize(n) for n in names]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            reqs = _requirements(name)
+        except md.PackageNotFoundError:
+            continue
+        seen.add(name)
+        todo += [normalize(r.name) for r in reqs]
+    return seen
+
+
 def plan(machine: dict[str, str | None] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(bundle: name -> version, left_out: name -> why). The versions are this environment's. A
     requirement the machine has is taken from there unless it asks for a version the machine's does

@@ -32,10 +32,17 @@ def _blocked(name):
     dists = _owners.get(name.partition(".")[0])
     return bool(dists) and not any(_norm(d) in _allowed for d in dists)
 
+_sites = {os.path.realpath(p) for p in sys.path if p.endswith("site-packages")}
+
 class _LentMachinePathFinder(importlib.machinery.PathFinder):
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        return None if path is None and _blocked(name) else super().find_spec(name, path, target)
+        spec = super().find_spec(name, path, target)
+        if spec is None or path is not None or not _blocked(name):
+            return spec
+        where = spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin
+        # installed at the top of site-packages (not a copy vendored inside another package)
+        return None if where and os.path.realpath(os.path.dirname(where)) in _sites else spec
 
 sys.meta_path[:] = [_LentMachinePathFinder if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 
@@ -53,13 +60,30 @@ def gpu_check(out: Path, *args: str, env: dict | None = None) -> subprocess.Comp
                           env=env, capture_output=True, text=True)
 
 
+def setuptools_vendored() -> set[str]:
+    """What setuptools carries in its _vendor folder and puts on sys.path once imported (it is on the
+    lent machine too, so these import there)."""
+    import setuptools
+
+    vendor = Path(setuptools.__file__).parent / "_vendor"
+    return {gpu_bundle.normalize(p.name.split("-")[0]) for p in vendor.glob("*.dist-info")}
+
+
+def on_the_machine() -> set[str]:
+    """What imports on the lent machine without the bundle: its packages and what they need (their
+    versions there need what they need; here, this environment's versions stand in for them), and
+    setuptools' vendored ones."""
+    machine = gpu_bundle.machine_packages()
+    return set(machine) | gpu_bundle.requirement_closure(machine) | setuptools_vendored()
+
+
 def lent_machine_env(tmp_path: Path) -> tuple[dict, Path, set[str]]:
     site, imports = tmp_path / "site", tmp_path / "imports"
     site.mkdir()
     imports.mkdir()
     (site / "sitecustomize.py").write_text(textwrap.dedent(LENT_MACHINE))
     bundle, _ = gpu_bundle.plan()
-    allowed = set(gpu_bundle.machine_packages()) | set(bundle) | {"h3pretrain"}
+    allowed = on_the_machine() | set(bundle) | {"h3pretrain"}
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
            "H3_ALLOWED_DISTS": json.dumps(sorted(allowed)), "H3_IMPORTS_DIR": str(imports)}
     return env, imports, set(bundle)
@@ -103,9 +127,9 @@ def test_smoke_runs_every_section_on_the_lent_machines_packages_and_writes_resul
     assert train["export-hf"]["max_rel_error"] <= 1e-5
 
     used = set().union(*(json.loads(p.read_text()) for p in imports.glob("*.json")))
-    lacking = used - set(gpu_bundle.machine_packages()) - {"h3pretrain"}
+    lacking = used - on_the_machine() - {"h3pretrain"}
     assert lacking <= bundle  # what ran and the machine lacks, the bundle carries
-    assert {"deepspeed", "megatron-core", "webdataset", "zstandard", "pydantic"} <= lacking  # the train path ran
+    assert {"deepspeed", "megatron-core", "webdataset", "zstandard"} <= lacking  # the train path ran
     assert "mlflow" not in used
     md_text = (tmp_path / "gpu-check-cpu-smoke.md").read_text()
     assert "## models: done" in md_text and "| hybrid-h3 tiny L=128 |" in md_text and "## train: done" in md_text
