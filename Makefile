@@ -29,6 +29,7 @@ help:
 	@echo "                   -> bench/results/gpu-check-<gpu>-<date>.{json,md} (CPU: a toy-size smoke check)"
 	@echo "make bench-recompute peak memory per train.recompute mode (125m, L=2048, CPU) -> bench/results/"
 	@echo "make bench-checkpoint checkpoint bytes per rank, extra RSS, blocked time (125m, 4 CPU ranks) -> bench/results/"
+	@echo "make test-compat   the fast tests on torch 2.11.0 (the lent GPU machine's) in .venv-compat"
 	@echo "make setup         only create/update $(VENV)"
 
 setup: $(STAMP)
@@ -113,6 +114,14 @@ test: $(STAMP) corpus
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The fast tests on the lent GPU machine's torch (2.11.0) in a venv of its own, the rest pinned as
+# usual. PyPI has no CPU build of torch 2.11.0 for Linux: its CUDA build is installed (about 4 GB
+# with its CUDA libraries), which runs on a CPU machine as the CPU build does.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TORCH ?= torch==2.11.0
+test-compat:
+	TORCH_SPEC=$(COMPAT_TORCH) $(MAKE) --no-print-directory test-fast VENV=$(COMPAT_VENV)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -48,9 +48,31 @@ sys.meta_path[:] = [_LentMachinePathFinder if f is importlib.machinery.PathFinde
 
 @atexit.register
 def _record():
-    used = sorted({_norm(d) for m in list(sys.modules) for d in _owners.get(m.partition(".")[0], [])})
+    # the distribution of each loaded module's file (by its first two path parts: namespace
+    # packages such as google.* are shared by several distributions)
+    owner = {}
+    for dist in importlib.metadata.distributions():
+        for f in dist.files or []:
+            owner.setdefault(tuple(f.parts[:2]), _norm(dist.metadata["Name"]))
+    used = set()
+    for module in list(sys.modules.values()):
+        path = os.path.realpath(getattr(module, "__file__", None) or "")
+        for site in _sites:
+            if path.startswith(site + os.sep):
+                parts = tuple(os.path.relpath(path, site).split(os.sep))
+                name = owner.get(parts[:2]) or owner.get(parts[:1])
+                if name:
+                    used.add(name)
     with open(os.path.join(os.environ["H3_IMPORTS_DIR"], f"{os.getpid()}.json"), "w") as f:
-        json.dump(used, f)
+        json.dump(sorted(used), f)
+
+_exit = os._exit
+
+def _recorded_exit(code):  # the trainer leaves through os._exit, past atexit
+    _record()
+    _exit(code)
+
+os._exit = _recorded_exit
 """
 
 

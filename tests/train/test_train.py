@@ -604,3 +604,58 @@ def test_auto_compile_that_fails_trains_eager_and_says_so(reference, tmp_path):
     strict = tmp_path / "strict"
     assert run(data, strict, python_code=FAILING_COMPILE, compile="true", **extra) not in (0, 75)
     assert "planted inductor failure" in Path(str(strict) + ".log").read_text()
+
+
+HOST_READS = """
+import json, sys, torch
+from h3pretrain.config import Config, TrainConfig
+from conftest import tiny_config
+from h3pretrain.train.engine import TrainingEngine
+from h3pretrain.train.loop import init_distributed
+import h3pretrain.train.engine as engine_module
+
+reads, reduces = [], []
+def counted(name):
+    real = getattr(torch.Tensor, name)
+    def read(self, *args, **kwargs):
+        if "/h3pretrain/" in sys._getframe(1).f_code.co_filename:
+            reads.append(name)
+        return real(self, *args, **kwargs)
+    setattr(torch.Tensor, name, read)
+for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+    counted(name)
+real_all_reduce = engine_module.dist.all_reduce
+def all_reduce(*args, **kwargs):
+    if "/h3pretrain/" in sys._getframe(1).f_code.co_filename:  # not DeepSpeed's gradient reductions
+        reduces.append(1)
+    return real_all_reduce(*args, **kwargs)
+engine_module.dist.all_reduce = all_reduce
+
+rank, world, device = init_distributed()
+cfg = Config(model=tiny_config(), train=TrainConfig(global_batch=8, micro_batch=2, precision="fp32", steps=4, compile=False))
+engine = TrainingEngine(cfg, device, 32)
+batches = torch.randint(0, 97, (3, 8, 33), generator=torch.Generator().manual_seed(0))
+from h3pretrain.model import HybridLM
+fresh = HybridLM(cfg.model, init_seed=cfg.train.seed)
+with torch.no_grad():
+    first = fresh.loss(fresh(batches[0][:, :-1]), batches[0][:, 1:]).item()
+out = [{"first_loss": first}]
+for i, flag in enumerate((0.0, 1.0, 0.0)):
+    reads.clear(); reduces.clear()
+    result = engine.train_step(batches[i], flags=(flag, 2.5))
+    out.append({"loss": result.loss, "flags": list(result.flags), "reads": list(reads), "reduces": len(reduces)})
+print(json.dumps(out))
+"""
+
+
+def test_a_step_reads_the_device_once_and_carries_the_flags():
+    """4 micro-batches per step: one all-reduce and one host read (not one per micro-batch plus one
+    for the stop flag); the flags come back summed over the ranks (one rank here)."""
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", HOST_READS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, *steps = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [s["flags"] for s in steps] == [[0.0, 2.5], [1.0, 2.5], [0.0, 2.5]]
+    assert all(s["reads"] == ["tolist"] and s["reduces"] == 1 for s in steps), steps
+    # the step's loss is the mean over its 4 micro-batches: the whole batch's loss before the update
+    assert steps[0]["loss"] == pytest.approx(first["first_loss"], rel=1e-6)
