@@ -19,26 +19,21 @@ import gpu_bundle  # noqa: E402
 GENEROUS = "--budget 7200 --section-budgets correctness=1800 kernels=1800 models=1800 generation=1800 train=1800"
 
 # Run at the start of every Python process of the check: the path finder no longer finds the
-# top-level modules of installed distributions outside H3_ALLOWED_DISTS (as on the lent machine,
-# where they are not installed), and each process records the distributions it imported.
+# top-level modules in H3_BLOCKED (those of installed distributions the lent machine lacks, as if
+# they were not installed), and each process records the distributions whose files it loaded
+# (H3_OWNERS: a module file's first two path parts under site-packages -> its distribution).
 LENT_MACHINE = """
-import atexit, importlib.machinery, importlib.metadata, json, os, re, sys
+import json, os, sys
+import importlib.machinery
 
-_allowed = set(json.loads(os.environ["H3_ALLOWED_DISTS"]))
-_owners = importlib.metadata.packages_distributions()
-_norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
-
-def _blocked(name):
-    dists = _owners.get(name.partition(".")[0])
-    return bool(dists) and not any(_norm(d) in _allowed for d in dists)
-
+_blocked = set(json.loads(os.environ["H3_BLOCKED"]))
 _sites = {os.path.realpath(p) for p in sys.path if p.endswith("site-packages")}
 
 class _LentMachinePathFinder(importlib.machinery.PathFinder):
     @classmethod
     def find_spec(cls, name, path=None, target=None):
         spec = super().find_spec(name, path, target)
-        if spec is None or path is not None or not _blocked(name):
+        if spec is None or path is not None or name not in _blocked:
             return spec
         where = spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin
         # installed at the top of site-packages (not a copy vendored inside another package)
@@ -46,26 +41,23 @@ class _LentMachinePathFinder(importlib.machinery.PathFinder):
 
 sys.meta_path[:] = [_LentMachinePathFinder if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 
-@atexit.register
 def _record():
-    # the distribution of each loaded module's file (by its first two path parts: namespace
-    # packages such as google.* are shared by several distributions)
-    owner = {}
-    for dist in importlib.metadata.distributions():
-        for f in dist.files or []:
-            owner.setdefault(tuple(f.parts[:2]), _norm(dist.metadata["Name"]))
+    with open(os.environ["H3_OWNERS"]) as f:
+        owner = json.load(f)
     used = set()
     for module in list(sys.modules.values()):
         path = os.path.realpath(getattr(module, "__file__", None) or "")
         for site in _sites:
             if path.startswith(site + os.sep):
-                parts = tuple(os.path.relpath(path, site).split(os.sep))
-                name = owner.get(parts[:2]) or owner.get(parts[:1])
+                parts = os.path.relpath(path, site).split(os.sep)
+                name = owner.get("/".join(parts[:2])) or owner.get(parts[0])
                 if name:
                     used.add(name)
     with open(os.path.join(os.environ["H3_IMPORTS_DIR"], f"{os.getpid()}.json"), "w") as f:
         json.dump(sorted(used), f)
 
+import atexit
+atexit.register(_record)
 _exit = os._exit
 
 def _recorded_exit(code):  # the trainer leaves through os._exit, past atexit
@@ -106,8 +98,17 @@ def lent_machine_env(tmp_path: Path) -> tuple[dict, Path, set[str]]:
     (site / "sitecustomize.py").write_text(textwrap.dedent(LENT_MACHINE))
     bundle, _ = gpu_bundle.plan()
     allowed = on_the_machine() | set(bundle) | {"h3pretrain"}
+    blocked = sorted(top for top, dists in md.packages_distributions().items()
+                     if not any(gpu_bundle.normalize(d) in allowed for d in dists))
+    owners: dict[str, str] = {}
+    for dist in md.distributions():
+        name = gpu_bundle.normalize(dist.metadata["Name"])
+        for f in dist.files or []:
+            owners.setdefault("/".join(f.parts[:2]), name)
+            owners.setdefault(f.parts[0], name)
+    (tmp_path / "owners.json").write_text(json.dumps(owners))
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "H3_ALLOWED_DISTS": json.dumps(sorted(allowed)), "H3_IMPORTS_DIR": str(imports)}
+           "H3_BLOCKED": json.dumps(blocked), "H3_OWNERS": str(tmp_path / "owners.json"), "H3_IMPORTS_DIR": str(imports)}
     return env, imports, set(bundle)
 
 
@@ -136,7 +137,7 @@ def test_smoke_runs_every_section_on_the_lent_machines_packages_and_writes_resul
     assert len(sections["generation"]["rows"]) == 4
 
     train = {r["case"]: r for r in sections["train"]["rows"]}
-    assert list(train) == ["prep", "train compiled", "train eager", "kill and resume", "export-hf"]
+    assert list(train) == ["prep", "train compiled", "kill and resume", "export-hf", "train eager"]
     assert all(r["passed"] is True for r in train.values()), train
     run = train["train compiled"]
     assert run["tokens_per_s"] > 0 and run["flashconv"] == "reference" and run["compiled"] is False  # auto: off on CPU
