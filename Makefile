@@ -116,12 +116,15 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The fast tests on the lent GPU machine's torch (2.11.0) in a venv of its own, the rest pinned as
-# usual. PyPI has no CPU build of torch 2.11.0 for Linux: its CUDA build is installed (about 4 GB
-# with its CUDA libraries), which runs on a CPU machine as the CPU build does.
+# usual. PyPI has no CPU build of torch 2.11.0 for Linux: its CUDA build is installed (about 6 GB
+# with its CUDA libraries), which runs on a CPU machine as the CPU build does. NumPy stays below
+# 2.4 there: the Triton 3.6 that torch 2.11 brings reads a kernel's scalar arguments, in its CPU
+# interpreter only, with int() of a one-element array, which NumPy 2.4 refuses.
 COMPAT_VENV ?= .venv-compat
 COMPAT_TORCH ?= torch==2.11.0
+COMPAT_PINS ?= numpy<2.4
 test-compat:
-	TORCH_SPEC=$(COMPAT_TORCH) $(MAKE) --no-print-directory test-fast VENV=$(COMPAT_VENV)
+	TORCH_SPEC=$(COMPAT_TORCH) EXTRA_PINS="$(COMPAT_PINS)" $(MAKE) --no-print-directory test-fast VENV=$(COMPAT_VENV)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -30,6 +30,7 @@ import webdataset as wds
 from .reader import ReadProblem, file_fingerprint, find_inputs, iter_records, parse_record
 from .workers import init_worker, process_batch
 from .tokenizer import MIN_VOCAB, TokenizerTrainingError, load_tokenizer, sha256_file, train_tokenizer
+from h3pretrain import jsonio
 from h3pretrain.errors import UserError
 
 log = logging.getLogger("h3pretrain.prep")
@@ -150,7 +151,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(jsonio.dumps(obj, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 

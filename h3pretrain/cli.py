@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import jsonio
 from .errors import EXIT_USAGE, InputFileError, UserError
 
 
@@ -137,7 +138,6 @@ def _leave(code: int) -> None:
 
 
 def _slurm(args: argparse.Namespace) -> int:
-    import json
 
     from . import slurm
     from .config import load_yaml
@@ -146,7 +146,7 @@ def _slurm(args: argparse.Namespace) -> int:
     try:
         if args.slurm_command == "status":
             st = slurm.status(args.run_dir)
-            print(json.dumps(st, indent=1) if args.json else slurm.format_status(st))
+            print(jsonio.dumps(st, indent=1) if args.json else slurm.format_status(st))
             return 0
         if args.slurm_command == "resume":
             p = slurm.resume_plan(args.run_dir, args.set)
@@ -321,7 +321,6 @@ def _generate_batch(args: argparse.Namespace, model, tok, prompts: list[str], de
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
     import math
 
     from .data import Manifest
@@ -362,13 +361,12 @@ def _eval(args: argparse.Namespace) -> int:
         out = {"checkpoint": str(args.checkpoint), "sources": results, "tokens": tokens, "loss": loss,
                "perplexity": math.exp(min(loss, 50))}
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        Path(args.json).write_text(jsonio.dumps(out, indent=1) + "\n")
     return 0
 
 
 def _synthetic(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
 
     import torch
 
@@ -383,7 +381,7 @@ def _synthetic(args: argparse.Namespace) -> int:
     print(f"{args.task} / {args.mixer}: test accuracy {result['test_accuracy']:.3f} "
           f"({result['parameters']:,} parameters, {result['seconds']:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.json).write_text(jsonio.dumps(result, indent=1) + "\n")
     return 0
 
 

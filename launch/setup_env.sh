@@ -5,7 +5,7 @@
 #   GPU machine : if the Python that creates the venv already has a CUDA torch, the venv sees it
 #                 (--system-site-packages) and it is kept as is.
 # Then installs the project (editable) with every dependency under a constraint file that pins the
-# torch (and triton) that is installed plus launch/constraints.txt.
+# torch (and triton) that is installed plus launch/constraints.txt (plus EXTRA_PINS, space-separated).
 # Never installs PyPI's `apex` (an unrelated web toolkit): NVIDIA apex is used only when the user
 # has it installed.
 set -euo pipefail
@@ -35,13 +35,14 @@ fi
 
 constraints="$VENV/constraints.txt"
 "$VENV/bin/python" - "$constraints" <<'PY'
-import importlib.metadata as md, sys
+import importlib.metadata as md, os, sys
 lines = [f"torch=={md.version('torch').split('+')[0]}"]
 try:
     lines.append(f"triton=={md.version('triton')}")
 except md.PackageNotFoundError:
     pass
 lines += [l.strip() for l in open("launch/constraints.txt") if l.strip() and not l.startswith("#")]
+lines += os.environ.get("EXTRA_PINS", "").split()
 open(sys.argv[1], "w").write("\n".join(lines) + "\n")
 PY
 log "installing h3pretrain and its dependencies (pinned: $(head -1 "$constraints"))"

@@ -13,7 +13,7 @@ SOURCES = {"h3pretrain": REPO / "h3pretrain", "flashconv": REPO / "kernels" / "f
 
 # lowest first; a module may import its own package and the layers below it
 LAYERS = [
-    ["h3pretrain", "h3pretrain.errors", "h3pretrain.quiet"],
+    ["h3pretrain", "h3pretrain.errors", "h3pretrain.quiet", "h3pretrain.jsonio"],
     ["h3pretrain.config"],
     ["flashconv"],
     ["h3pretrain.model"],

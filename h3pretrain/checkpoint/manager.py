@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import jsonio
+
 log = logging.getLogger("h3pretrain.checkpoint")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -81,6 +83,13 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all([state[k] for k in sorted(state) if k.startswith("cuda")])
 
 
+def inside(root: Path, rel: str) -> Path | None:
+    """root/rel when it stays inside root once symbolic links are resolved, else None: no name a
+    checkpoint's files give (`latest`, a manifest entry) may lead a reader out of it."""
+    target = (Path(root) / rel).resolve()
+    return target if target.is_relative_to(Path(root).resolve()) else None
+
+
 def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
     """None if `path` is a complete checkpoint, else what is wrong with it (one line). Every reader
     of a checkpoint (resume, export, generate, eval) calls this first: sizes and sha256 of every
@@ -99,7 +108,9 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
                                                     for rel in files):
         return "manifest.json lists no trainer state or no model weights"
     for rel, meta in files.items():
-        f = path / rel
+        f = inside(path, rel)
+        if f is None:
+            return f"manifest.json entry {rel!r} leads outside {path}"
         if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int):
             return f"manifest.json entry {rel!r} is malformed"
         if not f.is_file():
@@ -189,12 +200,12 @@ class CheckpointManager:
                 described: dict[str, dict]) -> None:
         """Rank 0, every file written: the manifest (the ranks' descriptions of their files, and of
         any other file there), the rename, `latest`, pruning."""
-        _write_text_atomic(tmp / "trainer_state.json", json.dumps(trainer_state, indent=1, sort_keys=True))
+        _write_text_atomic(tmp / "trainer_state.json", jsonio.dumps(trainer_state, indent=1, sort_keys=True))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         entries = self._describe(tmp, [p for p in files if str(p.relative_to(tmp)) not in described])
         manifest = {"step": step, "files": {str(p.relative_to(tmp)): entries.get(str(p.relative_to(tmp)))
                                             or described[str(p.relative_to(tmp))] for p in files}}
-        _write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        _write_text_atomic(tmp / "manifest.json", jsonio.dumps(manifest, indent=1, sort_keys=True))
         old = self.root / (name + ".replaced")
         if final.exists():  # a re-save of the same step: the old copy goes only once the new one is in place
             shutil.rmtree(old, ignore_errors=True)

@@ -24,13 +24,18 @@ STEP_PREFIX = "step-"
 
 def resolve_step_dir(path: str | Path) -> Path:
     """A step directory, or the one `latest` names in a run dir or checkpoints dir."""
+    from .manager import inside
+
     path = Path(path)
     if path.name.startswith(STEP_PREFIX) and (path / "trainer_state.json").is_file():
         return path
     for root in (path / "checkpoints", path):
         pointer = root / "latest"
         if pointer.is_file():
-            step = root / pointer.read_text().strip()
+            name = pointer.read_text().strip()
+            step = root / name
+            if inside(root, name) is None or not name.startswith(STEP_PREFIX) or "/" in name:
+                raise InputFileError(f"{pointer} names {name!r}, which is not a checkpoint directory of {root}")
             if not step.is_dir():
                 raise InputFileError(f"{pointer} names {step.name}, which does not exist")
             return step

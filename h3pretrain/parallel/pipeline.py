@@ -10,7 +10,6 @@ gradient is summed with the first stage's over megatron's embedding group after 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn

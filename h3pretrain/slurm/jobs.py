@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import jsonio
 from ..config import ConfigError, load_yaml, save_yaml, to_dict
 from .script import JobPlan, plan, python_for_jobs, render
 from ..errors import UserError
@@ -138,7 +139,7 @@ def submit(p: JobPlan, repo: Path | None = None, sbatch_args: list[str] = (), ne
         raise SlurmError(f"sbatch printed {out!r}, not a job id")
     record = {"job_id": job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": p.source}
     with open(p.slurm_dir / "jobs.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(jsonio.dumps(record) + "\n")
     return job_id
 
 

@@ -7,7 +7,6 @@ resume from `latest`; anything else is a failure.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,10 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import jsonio
 from ..config import Config, ConfigError, save_yaml, to_dict
 from ..errors import UserError
 from ..data import TokenBatches, TrainingData
 from .engine import TrainingEngine
+from .lock import RunLock
 from ..quiet import silence_third_party_noise
 from ..parallel.pipeline import describe as describe_partition
 from ..checkpoint import CheckpointManager
@@ -183,7 +184,7 @@ class _StartGuard:
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.run_dir / "status.json.tmp"
-            tmp.write_text(json.dumps(status, indent=1) + "\n")
+            tmp.write_text(jsonio.dumps(status, indent=1) + "\n")
             os.replace(tmp, self.status)
 
     def undo(self) -> None:
@@ -215,20 +216,30 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
     _check_data(cfg, data)
     if train_cfg.resume not in ("auto", "none") and not Path(train_cfg.resume).is_dir():
         raise ConfigError(f"train.resume={train_cfg.resume}: no such checkpoint directory")
-    guard = _StartGuard(run_dir, int(os.environ.get("RANK", 0)))
-    started = {"state": "starting", "step": None, "steps": train_cfg.steps, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if stop.requested:
-        guard.write({**started, "state": "preempted", "signal": stop.signal_name})
-        return EXIT_PREEMPTED
-    guard.write(started)
+    rank = int(os.environ.get("RANK", 0))
+    guard = _StartGuard(run_dir, rank)
+    lock = RunLock(run_dir) if rank == 0 else None
+    if lock:
+        lock.acquire()  # refused: RunDirInUse, nothing written
     try:
+        started = {"state": "starting", "step": None, "steps": train_cfg.steps,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if stop.requested:
+            guard.write({**started, "state": "preempted", "signal": stop.signal_name})
+            return EXIT_PREEMPTED
+        guard.write(started)
         return _run(cfg, data, stop, guard)
     except BaseException as err:
         if isinstance(err, UserError) and not guard.running:
+            if lock:
+                lock.release()
             guard.undo()  # a refused start: the run directory stays as it was
         else:
             guard.failed(err)
         raise
+    finally:
+        if lock:
+            lock.release()
 
 
 def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import jsonio
 from ..config import Config, to_dict
 
 log = logging.getLogger("h3pretrain.train")
@@ -136,7 +137,7 @@ class Tracker:
 
     def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **metrics}
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(jsonio.dumps(record) + "\n")
         self.jsonl.flush()
         if self.client is not None:
             from mlflow.entities import Metric

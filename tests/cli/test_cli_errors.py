@@ -57,6 +57,24 @@ def ws(prepared, tmp_path_factory):
     blob = bytearray(victim.read_bytes())
     blob[-7] ^= 0x20
     victim.write_bytes(bytes(blob))
+    # names that lead out of a checkpoint: a `latest` naming a checkpoint elsewhere, a manifest entry
+    # naming a file outside, a listed file that is a symbolic link to one outside
+    shutil.copytree(step, ws / "elsewhere" / "step-00000002")
+    (ws / "escaped" / "checkpoints").mkdir(parents=True)
+    (ws / "escaped" / "checkpoints" / "latest").write_text("../../elsewhere/step-00000002\n")
+    shutil.copytree(step, ws / "escmanifest" / "step-00000002")
+    manifest_path = ws / "escmanifest" / "step-00000002" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    outside = ws / "escmanifest" / "outside.txt"
+    outside.write_text("not part of the checkpoint\n")
+    manifest["files"]["../outside.txt"] = {"bytes": outside.stat().st_size,
+                                           "sha256": hashlib.sha256(outside.read_bytes()).hexdigest()}
+    manifest_path.write_text(json.dumps(manifest))
+    shutil.copytree(step, ws / "symlinked" / "step-00000002")
+    linked = ws / "symlinked" / "step-00000002" / "trainer_state.json"
+    shutil.copy(linked, ws / "symlinked" / "trainer_state.json")
+    linked.unlink()
+    linked.symlink_to(ws / "symlinked" / "trainer_state.json")
     shutil.copytree(ws / "data", ws / "baddata")
     shard = ws / "baddata" / "val-000000.tar"
     blob = bytearray(shard.read_bytes())
@@ -158,6 +176,11 @@ CASES = [
     ("consolidate --checkpoint {ws}/nowhere --out {ws}/out", "nowhere"),
     ("consolidate --checkpoint {ws}/flipped/step-00000002 --out {ws}/out", "sha256"),
     ("consolidate --checkpoint {ws}/run --out {ws}/data", "data"),
+    ("consolidate --checkpoint {ws}/escaped --out {ws}/out", "'../../elsewhere/step-00000002', which is not a checkpoint"),
+    ("consolidate --checkpoint {ws}/escmanifest/step-00000002 --out {ws}/out", "'../outside.txt' leads outside"),
+    ("consolidate --checkpoint {ws}/symlinked/step-00000002 --out {ws}/out", "'trainer_state.json' leads outside"),
+    ("eval --checkpoint {ws}/escaped --data {ws}/data", "'../../elsewhere/step-00000002', which is not a checkpoint"),
+    ("export-hf --checkpoint {ws}/escmanifest/step-00000002 --out {ws}/out", "'../outside.txt' leads outside"),
     # export-hf
     ("export-hf --checkpoint {ws}/nowhere --out {ws}/out", "nowhere"),
     ("export-hf --checkpoint {ws}/norun --out {ws}/out", "norun"),

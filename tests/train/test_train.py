@@ -659,3 +659,73 @@ def test_a_step_reads_the_device_once_and_carries_the_flags():
     assert all(s["reads"] == ["tolist"] and s["reduces"] == 1 for s in steps), steps
     # the step's loss is the mean over its 4 micro-batches: the whole batch's loss before the update
     assert steps[0]["loss"] == pytest.approx(first["first_loss"], rel=1e-6)
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_every_json_file_of_a_run_whose_loss_went_non_finite_is_strict_json(prepared, tmp_path):
+    """An absurd learning rate drives the loss to NaN/inf: status.json, metrics.jsonl, the manifests
+    and trainer states hold null for the non-finite numbers, never the bare NaN / Infinity tokens."""
+    data, _ = prepared
+    run_dir = tmp_path / "run"
+    run(data, run_dir, lr=1e8, warmup_steps=1, steps=6, eval_every=0, ckpt_every=3, grad_clip=0.0)
+    records = [_strict(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses_seen = [r["loss"] for r in records if r["kind"] == "train"]
+    assert None in losses_seen  # the non-finite ones
+    files = [run_dir / "status.json", *run_dir.rglob("manifest.json"), *run_dir.rglob("trainer_state.json")]
+    assert len(files) >= 3
+    for path in files:
+        _strict(path.read_text())
+    from h3pretrain import jsonio
+
+    assert jsonio.dumps({"a": [float("nan"), float("inf"), -float("inf"), 1.5]}) == '{"a": [null, null, null, 1.5]}'
+
+
+def _lock(run_dir: Path, **holder):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"host": "elsewhere", "pid": 1, "pid_start": None, "slurm_job_id": None, "started": "2026-12-01T00:00:00"}
+    (run_dir / "trainer.lock").write_text(json.dumps({**record, **holder}))
+
+
+def test_one_trainer_per_run_directory(reference, tmp_path):
+    """A second trainer on a run directory in use refuses (exit 2, one line naming the holder) and the
+    first finishes untouched; a lock whose holder is gone, or held by this job before its requeue, is
+    taken over with a warning; the lock goes with the run."""
+    import socket
+
+    data, ref_dir = reference
+    extra = {"model.embed_dropout": 0.1, "model.attn_dropout": 0.1}
+    run_dir = tmp_path / "run"
+    first = launch(data, run_dir, **extra)
+    assert _wait_for(lambda: (run_dir / "status.json").exists()
+                     and json.loads((run_dir / "status.json").read_text())["state"] in ("starting", "running"), first)
+    holder = json.loads((run_dir / "trainer.lock").read_text())
+    assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+    second = _cli_train(data, run_dir, **extra)
+    assert second.returncode == 2, second.stderr[-3000:]
+    line = second.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"h3pretrain train: error: train.run_dir {run_dir} is in use by host {socket.gethostname()} "
+                           f"pid {first.pid} since ") and "Traceback" not in second.stderr
+    assert first.wait(timeout=600) == 0
+    assert losses(run_dir) == losses(ref_dir) and not (run_dir / "trainer.lock").exists()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / "stale"
+    _lock(stale, host=socket.gethostname(), pid=gone.pid)
+    assert run(data, stale, steps=2, ckpt_every=0, eval_every=0) == 0
+    assert f"took over {stale / 'trainer.lock'} from host {socket.gethostname()} pid {gone.pid}: pid {gone.pid} " \
+           "no longer runs" in Path(str(stale) + ".log").read_text()
+    requeued = tmp_path / "requeued"
+    _lock(requeued, slurm_job_id="4242")
+    assert run(data, requeued, env={"SLURM_JOB_ID": "4242"}, steps=2, ckpt_every=0, eval_every=0) == 0
+    assert "SLURM job 4242 was requeued" in Path(str(requeued) + ".log").read_text()
+    held = tmp_path / "held"
+    _lock(held)  # on another host, no SLURM job to ask about: cannot be known to be gone
+    refused = _cli_train(data, held, steps=2)
+    assert refused.returncode == 2 and "is in use by host elsewhere pid 1 since 2026-12-01T00:00:00" in refused.stderr
+    assert sorted(p.name for p in held.iterdir()) == ["trainer.lock"]  # nothing else written
