@@ -223,6 +223,10 @@ class TrainConfig:
     during a save). Both resume under any layout, and every reader reads both."""
     hash_checkpoints: bool = True
     """Record the sha256 of every checkpoint file in its manifest (readers then check it)."""
+    max_bad_steps: int = 3
+    """A step whose loss or global gradient norm is not finite applies no update (DeepSpeed skips
+    it; the batch counts as seen); after this many such steps in a row the run stops (exit 65,
+    status.json `failed`, the last good checkpoint named). 0: never stop for it."""
     mlflow: bool = True
     """Track the run in mlflow."""
     mlflow_uri: str = ""
@@ -241,7 +245,7 @@ class TrainConfig:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 errors.append(f"train.{name} must be >= 1, not {getattr(self, name)}")
-        for name in ("eval_every", "ckpt_every", "warmup_steps"):
+        for name in ("eval_every", "ckpt_every", "warmup_steps", "max_bad_steps"):
             if getattr(self, name) < 0:
                 errors.append(f"train.{name} must be >= 0, not {getattr(self, name)}")
         if self.eval_every and self.eval_batches < 1:

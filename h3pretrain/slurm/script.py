@@ -9,6 +9,8 @@ The batch shell owns the restart policy (EXIT_PREEMPTED = 75, h3pretrain/train/s
     75              checkpoint saved after USR1 (time limit near, or a preemption signal):
                     `scontrol requeue`; the next start resumes from checkpoints/latest
     75 after TERM   scancel / SLURM's own preemption: no self-requeue (SLURM decides)
+    65              the loss went non-finite train.max_bad_steps times in a row: no requeue (a restart
+                    from the last good checkpoint would meet the same batches)
     anything else   a failure: requeued at most slurm.max_restarts times per job, then the job fails
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError
-from ..train.signals import EXIT_PREEMPTED
+from ..train.signals import EXIT_DIVERGED, EXIT_PREEMPTED
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ def render(p: JobPlan, repo: Path | None = None) -> str:
     values = {
         "RUN_DIR": q(str(p.run_dir)), "JOB_CONFIG": q(str(p.job_config)), "PYTHON": q(python_for_jobs()),
         "REPO": q(str(repo)), "MAX_RESTARTS": str(s.max_restarts), "EXIT_PREEMPTED": str(EXIT_PREEMPTED),
+        "EXIT_DIVERGED": str(EXIT_DIVERGED),
         "TASKS_PER_NODE": str(p.tasks_per_node), "CPUS_PER_TASK": str(s.cpus_per_task),
     }
     body = _BODY
@@ -168,6 +171,7 @@ JOB_CONFIG=@JOB_CONFIG@
 PYTHON=@PYTHON@
 MAX_RESTARTS=@MAX_RESTARTS@  # failures (not preemptions) requeued per job
 EXIT_PREEMPTED=@EXIT_PREEMPTED@  # the trainer saved a checkpoint after a stop signal
+EXIT_DIVERGED=@EXIT_DIVERGED@  # the loss went non-finite train.max_bad_steps steps in a row
 FAILURES_FILE=$RUN_DIR/slurm/failures-$SLURM_JOB_ID
 
 export PYTHONPATH=@REPO@:@REPO@/kernels${PYTHONPATH:+:$PYTHONPATH}
@@ -243,6 +247,10 @@ if [ "$rc" -eq 0 ] || [ "$state" = finished ]; then
 fi
 if [ "$rc" -eq 2 ]; then
     log "training refused its input (exit 2: the error above names the setting or file): not requeuing"
+    exit "$rc"
+fi
+if [ "$rc" -eq "$EXIT_DIVERGED" ]; then
+    log "training diverged (exit $rc: non-finite loss or gradients, see the error above): not requeuing"
     exit "$rc"
 fi
 if [ "$stop_signal" = TERM ]; then

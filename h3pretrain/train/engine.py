@@ -229,6 +229,27 @@ class TrainingEngine:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
+    def state_finite(self) -> bool:
+        """Collective: every weight and Adam moment of every rank is finite (checked before a
+        checkpoint is written and after one is loaded)."""
+        tensors = [p for m in self.models for p in m.parameters()]
+        tensors += [p for g in self._adam.param_groups for p in g["params"]]
+        for flat in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
+            tensors += list(getattr(self.engine.optimizer, flat, None) or [])
+        tensors += [t for state in self._adam.state.values() for t in state.values()
+                    if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+        bad = torch.zeros((), device=self.device)
+        for t in tensors:
+            if t.numel():
+                bad += (~torch.isfinite(t.detach())).any()
+        dist.all_reduce(bad)
+        return not bool(bad)
+
+    def update_skipped(self) -> bool:
+        """DeepSpeed applied no update in the last step: the gradients were not finite (it checks them
+        on every rank before the optimizer step and skips it, leaving weights and Adam state as they were)."""
+        return bool(getattr(self.engine.optimizer, "overflow", False))
+
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
@@ -282,16 +303,19 @@ class TrainingEngine:
 
         return finish
 
-    def load(self, directory: Path, step: int, group=None) -> None:
+    def load(self, directory: Path, step: int, group=None, updates: int | None = None) -> None:
         """Collective (over `group`, default all ranks). Restores weights, Adam state and its step
-        count, and the LR schedule, from a checkpoint of either format and any layout."""
+        count (`updates`: the updates applied, `step` less the skipped ones), and the LR schedule,
+        from a checkpoint of either format and any layout."""
+        updates = step if updates is None else updates
         layout = self.layout
         if sharded.is_sharded(directory):
             sharded.load_into(self.models, directory, layout.tp_rank, layout.tp, group)
         else:
             canonical.load(self.models, canonical.tensor_source(directory), layout.tp_rank, layout.tp,
                            zero_dp_group=self.zero_group)
-        _set_adam_step(self._adam, step)
+        _set_adam_step(self._adam, updates)
+        self.engine.skipped_steps = step - updates
         sched = self.engine.lr_scheduler
         sched.load_state_dict(canonical.read_scheduler(directory))
         sched.step(sched.last_batch_iteration)  # load_state_dict leaves the optimizer's lr as it was

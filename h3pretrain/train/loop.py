@@ -31,13 +31,18 @@ from ..checkpoint import CheckpointManager
 from .kernel_choice import choose_flashconv
 from ..model.flops import train_flops_per_token
 from .metrics import Tracker, memory_gb, peak_tflops, trim_metrics
-from .signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
+from .signals import EXIT_DIVERGED, EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 
 log = logging.getLogger("h3pretrain.train")
 
 
 class Stopped(Exception):
     """A stop signal arrived while evaluating or waiting for data."""
+
+
+class Diverged(Exception):
+    """train.max_bad_steps steps in a row had a non-finite loss or gradient norm, or a weight went
+    non-finite (a checkpoint of it is never written)."""
 
 
 def _free_port() -> int:
@@ -268,6 +273,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                                     seed=cfg.data.seed)
         ckpt = CheckpointManager(run_dir / "checkpoints", train_cfg.keep_last, train_cfg.hash_checkpoints)
         step, tokens, last_eval = 0, 0, 0
+        skipped, bad_in_a_row = 0, 0  # updates not applied (non-finite steps); such steps just now
         resume_from = None
         if train_cfg.resume == "auto":
             resume_from = ckpt.find_resumable()
@@ -288,7 +294,11 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             if changes and rank == 0:
                 log.warning("continuing on changed data (train.allow_data_change): %s", "; ".join(changes))
             _check_model_shape(cfg, state, resume_from)
-            engine.load(resume_from, state["step"], ckpt.group)
+            skipped, bad_in_a_row = state.get("skipped_updates", 0), state.get("bad_steps_in_a_row", 0)
+            engine.load(resume_from, state["step"], ckpt.group, updates=state["step"] - skipped)
+            if not engine.state_finite():
+                raise ConfigError(f"{resume_from} holds a non-finite weight or optimizer moment: resume from an "
+                                  "earlier checkpoint (train.resume=<run>/checkpoints/step-NNNNNNNN)")
             ckpt.restore_rng(resume_from, same_layout=state.get("layout") == layout.shape())
             loader.load_state_dict(state["data"])
             step, tokens = state["step"], state["tokens"]
@@ -362,7 +372,10 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
     def save(reason: str) -> Path:
         state = {"step": step, "tokens": tokens, "data": {**loader.state_dict(), "position": step * train_cfg.global_batch},
                  "world_size": world, "layout": layout.shape(), "reason": reason, "config": to_dict(cfg),
-                 "last_eval_step": last_eval, "data_manifest": data_fingerprint}
+                 "last_eval_step": last_eval, "data_manifest": data_fingerprint, "skipped_updates": skipped,
+                 "bad_steps_in_a_row": bad_in_a_row}
+        if not engine.state_finite():
+            raise Diverged(f"step {step}: a weight or optimizer moment is not finite; checkpoint not written")
         covered = tracker.take_pending() if tracker else None
         t0 = time.perf_counter()
 
@@ -405,6 +418,18 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             lr = engine.lr()  # what this step's optimizer update uses
             result = engine.train_step(batch, flags=(stop.requested,))  # the step's one host sync
             last_loss, stop_asked = result.loss, result.flags[0] > 0
+            if not math.isfinite(last_loss) or engine.update_skipped():
+                what = f"loss {last_loss}" if not math.isfinite(last_loss) else "global gradient norm not finite"
+                skipped, bad_in_a_row = skipped + engine.update_skipped(), bad_in_a_row + 1
+                if rank == 0:
+                    log.warning("step %d: %s: no update applied (%d such step(s) in a row; train.max_bad_steps=%d)",
+                                step + 1, what, bad_in_a_row, train_cfg.max_bad_steps)
+                if train_cfg.max_bad_steps and bad_in_a_row >= train_cfg.max_bad_steps:
+                    step += 1
+                    raise Diverged(f"step {step}: {what}, {bad_in_a_row} steps in a row (train.max_bad_steps="
+                                   f"{train_cfg.max_bad_steps})")
+            else:
+                bad_in_a_row = 0
             if engine.compile_failure != compile_failure_said:  # train.compile=auto fell back during the run
                 compile_failure_said = engine.compile_failure
                 write_status("running")
@@ -441,6 +466,19 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
         if tracker:
             tracker.close("KILLED")
         return EXIT_PREEMPTED
+    except Diverged as why:
+        prefetch.close()
+        ckpt.wait()  # a checkpoint being written still completes (it holds finite tensors)
+        latest = run_dir / "checkpoints" / "latest"
+        good = str(run_dir / "checkpoints" / latest.read_text().strip()) if latest.is_file() else "none"
+        if rank == 0:
+            log.error("%s; the last good checkpoint is %s; exiting with %d (not restarted: it would meet the same "
+                      "batches; lower train.lr, or resume from it with train.allow_data_change)", why, good,
+                      EXIT_DIVERGED)
+        write_status("failed", {"error": str(why), "last_good_checkpoint": good, "loss": last_loss})
+        if tracker:
+            tracker.close("FAILED")
+        return EXIT_DIVERGED
     except BaseException:
         prefetch.close()
         ckpt.wait()  # a checkpoint being written still completes

@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — saved, resume from latest
+EXIT_DIVERGED = 65  # EX_DATAERR: train.max_bad_steps non-finite steps in a row; a restart would repeat them
 EXIT_FINISHED = 0
 
 

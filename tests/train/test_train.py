@@ -729,3 +729,80 @@ def test_one_trainer_per_run_directory(reference, tmp_path):
     refused = _cli_train(data, held, steps=2)
     assert refused.returncode == 2 and "is in use by host elsewhere pid 1 since 2026-12-01T00:00:00" in refused.stderr
     assert sorted(p.name for p in held.iterdir()) == ["trainer.lock"]  # nothing else written
+
+
+INF_LOSS = """
+import os, sys, torch
+from h3pretrain.model import HybridLM
+steps = {int(s) for s in os.environ["H3_TEST_INF_STEPS"].split(",")}
+first = int(os.environ.get("H3_TEST_INF_FROM", "0"))
+loss, calls = HybridLM.loss, [0]
+def planted(self, logits, targets):
+    out = loss(self, logits, targets)
+    if torch.is_grad_enabled():  # training micro-batches only (2 per step here)
+        calls[0] += 1
+        step = (calls[0] - 1) // 2 + 1 + first
+        if step in steps:
+            out = out * float("inf")
+    return out
+HybridLM.loss = planted
+from h3pretrain.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_non_finite_step_applies_no_update_and_resumes_exactly(reference, tmp_path):
+    """inf planted in the loss of step 3: its update is skipped (the weights after step 3 are those
+    after step 2, bit for bit), the run goes on, and killed after step 4 it resumes bit for bit."""
+    from h3pretrain.checkpoint import load_checkpoint_model
+
+    data, _ = reference
+    extra = {"model.embed_dropout": 0.1, "model.attn_dropout": 0.1, "keep_last": 10}
+    planted = tmp_path / "planted"
+    assert run(data, planted, python_code=INF_LOSS, env={"H3_TEST_INF_STEPS": "3"}, ckpt_every=1, **extra) == 0
+    log = Path(str(planted) + ".log").read_text()
+    assert "step 3: loss inf: no update applied (1 such step(s) in a row; train.max_bad_steps=3)" in log
+    records = {r["step"]: r for r in map(json.loads, (planted / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"}
+    assert records[3]["loss"] is None and all(records[s]["loss"] is not None for s in (1, 2, 4, 8))
+    ckpts = planted / "checkpoints"
+    w2, w3 = (load_checkpoint_model(ckpts / f"step-0000000{s}")[1] for s in (2, 3))
+    assert all(torch_equal(w2[k], w3[k]) for k in w2)
+    assert json.loads((ckpts / "step-00000003" / "trainer_state.json").read_text())["skipped_updates"] == 1
+    killed = tmp_path / "killed"
+    proc = launch(data, killed, python_code=INF_LOSS, env={"H3_TEST_INF_STEPS": "3"}, ckpt_every=2, **extra)
+    assert _wait_for(lambda: (killed / "checkpoints" / "step-00000004" / "manifest.json").exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert run(data, killed, python_code=INF_LOSS, env={"H3_TEST_INF_STEPS": "3", "H3_TEST_INF_FROM": "4"},
+               ckpt_every=2, **extra) == 0
+    assert losses(killed) == losses(planted)
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_no_bad_checkpoint_is_written(reference, tmp_path):
+    """inf from step 5 on, train.max_bad_steps=2: the run stops at step 6 with exit 65, status.json
+    `failed` naming the last good checkpoint (step 4; no checkpoint of step 6), and the same
+    command without the fault resumes from it and ends as the reference, bit for bit."""
+    data, ref_dir = reference
+    extra = {"model.embed_dropout": 0.1, "model.attn_dropout": 0.1}
+    run_dir = tmp_path / "run"
+    code = run(data, run_dir, python_code=INF_LOSS, env={"H3_TEST_INF_STEPS": ",".join(map(str, range(5, 9)))},
+               max_bad_steps=2, **extra)
+    assert code == 65
+    ckpts = run_dir / "checkpoints"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["step"] == 6
+    assert status["last_good_checkpoint"] == str(ckpts / "step-00000004")
+    assert status["error"].startswith("step 6: loss inf, 2 steps in a row (train.max_bad_steps=2)")
+    assert (ckpts / "latest").read_text().strip() == "step-00000004"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-00000002", "step-00000004"]
+    log = Path(str(run_dir) + ".log").read_text()
+    assert f"the last good checkpoint is {ckpts / 'step-00000004'}; exiting with 65" in log
+    assert run(data, run_dir, max_bad_steps=2, **extra) == 0
+    assert losses(run_dir) == losses(ref_dir)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
