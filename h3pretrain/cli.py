@@ -115,8 +115,15 @@ def _train(args: argparse.Namespace) -> int:
     from .config import Config, apply_overrides, load_yaml
     from .train.loop import train
 
+    from .checkpoint import CheckpointSpaceError
+
     cfg = load_yaml(args.config, args.set) if args.config else apply_overrides(Config(), args.set)
-    _leave(train(cfg, stop))  # an unexpected exception propagates as usual (a failure)
+    try:
+        code = train(cfg, stop)  # an unexpected exception propagates as usual (a failure)
+    except CheckpointSpaceError as err:  # status.json says failed; a restart may find space again
+        print(f"h3pretrain train: error: {err}", file=sys.stderr, flush=True)
+        code = 1
+    _leave(code)
 
 
 def _leave(code: int) -> None:

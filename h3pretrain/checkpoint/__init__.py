@@ -10,10 +10,10 @@
   and evaluation, verified before anything is loaded;
 - model_dir: `model.safetensors` + `config.json` (what `import-h3` writes).
 """
-from .manager import CheckpointManager, verify_checkpoint
+from .manager import CheckpointManager, CheckpointSpaceError, verify_checkpoint
 from .model_dir import is_model_dir, load_model_dir, model_from_state, read_model_dir, save_model_dir
 from .reader import load_checkpoint_model, load_model, load_model_source, resolve_step_dir
 
-__all__ = ["CheckpointManager", "is_model_dir", "load_checkpoint_model", "load_model", "load_model_dir",
+__all__ = ["CheckpointManager", "CheckpointSpaceError", "is_model_dir", "load_checkpoint_model", "load_model", "load_model_dir",
            "load_model_source", "model_from_state", "read_model_dir", "resolve_step_dir", "save_model_dir",
            "verify_checkpoint"]

@@ -20,6 +20,7 @@ layout and ZeRO stage resumes under any other. Every torch.load runs with weight
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -55,6 +56,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _broadcast(obj):
     if not dist.is_initialized():
         return obj
@@ -81,6 +86,10 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([state[k] for k in sorted(state) if k.startswith("cuda")])
+
+
+class CheckpointSpaceError(OSError):
+    """The device a checkpoint is written to is full (the partial write has been removed)."""
 
 
 def inside(root: Path, rel: str) -> Path | None:
@@ -154,9 +163,19 @@ class CheckpointManager:
         rng = rng_state()
 
         def complete() -> None:
-            written = list(finish(self.group) or []) if finish is not None else []
-            written.append(tmp / "rng" / f"rank-{_rank():05d}.pt")
-            torch.save(rng, written[-1])
+            try:
+                written = list(finish(self.group) or []) if finish is not None else []
+                written.append(tmp / "rng" / f"rank-{_rank():05d}.pt")
+                torch.save(rng, written[-1])
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the one in use
+                need = self._expected_bytes() or getattr(finish, "nbytes", 0) * _world()
+                raise CheckpointSpaceError(f"no space left on the device of {self.root} while writing {name}: it "
+                                           f"needs about {need:,} bytes, "
+                                           f"{shutil.disk_usage(self.root).free:,} are free; the previous "
+                                           "checkpoint stays in use (free space, then resume)") from None
             described = self._describe(tmp, written)  # every rank hashes what it wrote, in parallel
             if dist.is_initialized():
                 gathered = [None] * dist.get_world_size(self.group) if _rank() == 0 else None
@@ -174,6 +193,16 @@ class CheckpointManager:
         else:
             complete()
         return final
+
+    def _expected_bytes(self) -> int:
+        """What a checkpoint of this run takes: the newest complete one's files (their manifest)."""
+        for path in sorted(self.root.glob("step-*"), reverse=True):
+            try:
+                files = json.loads((path / "manifest.json").read_text())["files"]
+                return sum(int(meta["bytes"]) for meta in files.values())
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return 0
 
     def _run(self, complete) -> None:
         try:

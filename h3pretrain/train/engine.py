@@ -284,11 +284,13 @@ class TrainingEngine:
         scheduler = copy.deepcopy(self.engine.lr_scheduler.state_dict()) if dist.get_rank() == 0 else None
         if self.cfg.train.checkpoint_format == "sharded":
             state = sharded.collect_owned(self.models, layout.tp_rank, layout.tp)
+            nbytes = sum(box.numel() * box.element_size() for p in state.values() for _, box in p.pieces)
 
             def write_tensors(group) -> list[Path]:
                 return sharded.write(state, directory, group)
         else:
             tensors = self.collect(optimizer_state=True)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors.values()) if layout.speaks_for_stage else 0
 
             def write_tensors(group) -> list[Path]:
                 if not layout.speaks_for_stage:
@@ -301,6 +303,7 @@ class TrainingEngine:
                 written.append(canonical.write_scheduler(directory, scheduler))
             return written
 
+        finish.nbytes = nbytes  # what this rank writes
         return finish
 
     def load(self, directory: Path, step: int, group=None, updates: int | None = None) -> None:

@@ -378,10 +378,12 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             raise Diverged(f"step {step}: a weight or optimizer moment is not finite; checkpoint not written")
         covered = tracker.take_pending() if tracker else None
         t0 = time.perf_counter()
+        saved_step = step
 
-        def complete() -> None:  # rank 0, once the checkpoint counts
+        def complete() -> None:  # rank 0, once the checkpoint counts (within ckpt.save when synchronous)
             tracker.send(covered)
-            log.info("saved checkpoint %s (%s) in %.2f s", path, reason, time.perf_counter() - t0)
+            log.info("saved checkpoint %s (%s) in %.2f s", ckpt.root / f"step-{saved_step:08d}", reason,
+                     time.perf_counter() - t0)
 
         path = ckpt.save(engine.save, step, state, background=train_cfg.async_checkpoint,
                          on_complete=complete if tracker else None)

@@ -806,3 +806,41 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+FULL_DISK = """
+import errno, os, sys
+from h3pretrain.checkpoint import sharded
+write = sharded.write
+def full(state, directory, group):
+    if "step-00000004" in str(directory):
+        (directory / "state").mkdir(parents=True, exist_ok=True)
+        (directory / "state" / "__0_0.distcp").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(state, directory, group)
+sharded.write = full
+from h3pretrain.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(reference, tmp_path, background):
+    data, ref_dir = reference
+    extra = {"model.embed_dropout": 0.1, "model.attn_dropout": 0.1, "async_checkpoint": str(background).lower()}
+    run_dir = tmp_path / "run"
+    proc = launch(data, run_dir, python_code=FULL_DISK, **extra)
+    assert proc.wait(timeout=600) == 1
+    ckpts = run_dir / "checkpoints"
+    log = Path(str(run_dir) + ".log").read_text()
+    need = sum(m["bytes"] for m in json.loads((ckpts / "step-00000002" / "manifest.json").read_text())["files"].values())
+    last = log.strip().splitlines()[-1]
+    assert last.startswith(f"h3pretrain train: error: no space left on the device of {ckpts} while writing "
+                           f"step-00000004: it needs about {need:,} bytes, "), last
+    assert "Traceback" not in log
+    assert not (ckpts / "step-00000004.tmp").exists() and not (ckpts / "step-00000004").exists()
+    assert (ckpts / "latest").read_text().strip() == "step-00000002"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "no space left" in status["error"]
+    assert run(data, run_dir, **extra) == 0
+    assert losses(run_dir) == losses(ref_dir)
