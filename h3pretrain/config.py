@@ -223,6 +223,10 @@ class TrainConfig:
     during a save). Both resume under any layout, and every reader reads both."""
     hash_checkpoints: bool = True
     """Record the sha256 of every checkpoint file in its manifest (readers then check it)."""
+    hang_timeout_s: float = 1800.0
+    """A step (three times this for the first step of a start) that has not finished after this
+    many seconds ends the process: every thread's stack goes to run_dir/hang-<rank>.txt and the
+    exit code is 70, which the SLURM script requeues. 0: no watchdog."""
     max_bad_steps: int = 3
     """A step whose loss or global gradient norm is not finite applies no update (DeepSpeed skips
     it; the batch counts as seen); after this many such steps in a row the run stops (exit 65,
@@ -245,7 +249,7 @@ class TrainConfig:
         for name in ("steps", "global_batch", "micro_batch", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 errors.append(f"train.{name} must be >= 1, not {getattr(self, name)}")
-        for name in ("eval_every", "ckpt_every", "warmup_steps", "max_bad_steps"):
+        for name in ("eval_every", "ckpt_every", "warmup_steps", "max_bad_steps", "hang_timeout_s"):
             if getattr(self, name) < 0:
                 errors.append(f"train.{name} must be >= 0, not {getattr(self, name)}")
         if self.eval_every and self.eval_batches < 1:
@@ -270,6 +274,9 @@ class ParallelConfig:
     """Context parallel: every sequence split into cp pieces, one per rank."""
     sequence_parallel: bool = False
     """Shard the LayerNorm and dropout regions over the sequence (needs tp > 1)."""
+    timeout_s: float = 1800.0
+    """Every process group's timeout: a collective that waits this long for a lost rank fails
+    (and the job with it) instead of waiting forever."""
 
 
 @dataclass
@@ -419,6 +426,8 @@ class Config:
         for name in ("tp", "pp", "virtual_pp", "cp"):
             if getattr(self.parallel, name) < 1:
                 errors.append(f"parallel.{name} must be >= 1, not {getattr(self.parallel, name)}")
+        if not self.parallel.timeout_s > 0:
+            errors.append(f"parallel.timeout_s must be > 0, not {self.parallel.timeout_s}")
         if not self.data.path and not self.data.sources:
             errors.append("data.path is empty")
         for i, source in enumerate(self.data.sources):

@@ -20,6 +20,7 @@ layout and ZeRO stage resumes under any other. Every torch.load runs with weight
 """
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import json
@@ -135,10 +136,11 @@ class CheckpointManager:
     """Collective where noted: every rank of the job constructs one (a background write coordinates
     the ranks over a process group of its own, so training's collectives run meanwhile)."""
 
-    def __init__(self, root: str | Path, keep_last: int = 3, hash_files: bool = True):
+    def __init__(self, root: str | Path, keep_last: int = 3, hash_files: bool = True, timeout_s: float | None = None):
         self.root = Path(root)
         self.keep_last, self.hash_files = keep_last, hash_files
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        self.group = dist.new_group(backend="gloo", **timeout) if dist.is_initialized() else None
         self._pending: threading.Thread | None = None
         self._failure: BaseException | None = None
 

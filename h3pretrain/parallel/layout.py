@@ -3,6 +3,8 @@ tensor-parallel ranks of a group are neighbours, pipeline stages are outermost),
 torch.distributed was initialised with (nccl with GPUs, gloo without)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch.distributed as dist
@@ -102,7 +104,7 @@ def initialize(parallel: ParallelConfig) -> Layout:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_pp if parallel.virtual_pp > 1 else None,
-        context_parallel_size=parallel.cp)
+        context_parallel_size=parallel.cp, distributed_timeout_minutes=max(1, math.ceil(parallel.timeout_s / 60)))
     return Layout(tp=parallel.tp, pp=parallel.pp, dp=dp, cp=parallel.cp, virtual_pp=parallel.virtual_pp,
                   tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
                   dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank())

@@ -7,6 +7,7 @@ resume from `latest`; anything else is a failure.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from ..errors import UserError
 from ..data import TokenBatches, TrainingData
 from .engine import TrainingEngine
 from .lock import RunLock
+from .watchdog import Watchdog
 from ..quiet import silence_third_party_noise
 from ..parallel.pipeline import describe as describe_partition
 from ..checkpoint import CheckpointManager
@@ -51,8 +53,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Process group from torchrun's (or SLURM-derived) environment; one process works alone."""
+def init_distributed(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
+    """Process group from torchrun's (or SLURM-derived) environment; one process works alone.
+    timeout_s: of every collective on it (parallel.timeout_s)."""
     silence_third_party_noise()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -63,7 +66,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -250,7 +254,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> int:
 def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard) -> int:
     train_cfg = cfg.train
     run_dir = Path(train_cfg.run_dir)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.parallel.timeout_s)
     seq_len = data.manifest.data["seq_len"]
 
     def starting_stop() -> None:
@@ -271,7 +275,8 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
         starting_stop()
         loader = data.train_batches(global_batch=train_cfg.global_batch, dp_rank=layout.dp_rank, dp_size=layout.dp,
                                     seed=cfg.data.seed)
-        ckpt = CheckpointManager(run_dir / "checkpoints", train_cfg.keep_last, train_cfg.hash_checkpoints)
+        ckpt = CheckpointManager(run_dir / "checkpoints", train_cfg.keep_last, train_cfg.hash_checkpoints,
+                                 timeout_s=cfg.parallel.timeout_s)
         step, tokens, last_eval = 0, 0, 0
         skipped, bad_in_a_row = 0, 0  # updates not applied (non-finite steps); such steps just now
         resume_from = None
@@ -407,6 +412,8 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
         return EXIT_FINISHED
 
     engine.train(True)
+    watchdog = Watchdog(run_dir, rank, train_cfg.hang_timeout_s)
+    first_step = step + 1
     prefetch = Prefetcher(loader, step * train_cfg.global_batch, stop)
     last_saved, last_loss = step, float("nan")
     compile_failure_said = engine.compile_failure
@@ -416,9 +423,11 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             run_eval()
         while step < train_cfg.steps:
             t0 = time.time()
+            watchdog.arm(step + 1, first=step + 1 == first_step)  # the data wait counts: a hung read too
             batch = prefetch.get()
             lr = engine.lr()  # what this step's optimizer update uses
             result = engine.train_step(batch, flags=(stop.requested,))  # the step's one host sync
+            watchdog.disarm()
             last_loss, stop_asked = result.loss, result.flags[0] > 0
             if not math.isfinite(last_loss) or engine.update_skipped():
                 what = f"loss {last_loss}" if not math.isfinite(last_loss) else "global gradient norm not finite"
@@ -458,6 +467,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                 save("periodic")
                 last_saved = step
     except Stopped as why:
+        watchdog.disarm()
         prefetch.close()
         if rank == 0:
             log.warning("%s (%s): saving step %d and exiting with %d", why, stop.signal_name, step, EXIT_PREEMPTED)
@@ -469,6 +479,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             tracker.close("KILLED")
         return EXIT_PREEMPTED
     except Diverged as why:
+        watchdog.disarm()
         prefetch.close()
         ckpt.wait()  # a checkpoint being written still completes (it holds finite tensors)
         latest = run_dir / "checkpoints" / "latest"
@@ -482,6 +493,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             tracker.close("FAILED")
         return EXIT_DIVERGED
     except BaseException:
+        watchdog.disarm()
         prefetch.close()
         ckpt.wait()  # a checkpoint being written still completes
         raise

@@ -10,6 +10,7 @@ import signal
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — saved, resume from latest
 EXIT_DIVERGED = 65  # EX_DATAERR: train.max_bad_steps non-finite steps in a row; a restart would repeat them
+EXIT_HUNG = 70  # EX_SOFTWARE: a step outlived train.hang_timeout_s (stacks in run_dir/hang-<rank>.txt); requeued
 EXIT_FINISHED = 0
 
 

@@ -844,3 +844,76 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(reference
     assert status["state"] == "failed" and "no space left" in status["error"]
     assert run(data, run_dir, **extra) == 0
     assert losses(run_dir) == losses(ref_dir)
+
+
+HANG = """
+import sys, time, torch
+from h3pretrain.model import HybridLM
+loss, calls = HybridLM.loss, [0]
+def planted_hang(seconds):
+    time.sleep(seconds)
+def hanging(self, logits, targets):
+    if torch.is_grad_enabled():
+        calls[0] += 1
+        if calls[0] == 5:  # the first micro-batch of step 3
+            planted_hang(600)
+    return loss(self, logits, targets)
+HybridLM.loss = hanging
+from h3pretrain.cli import main
+sys.exit(main())
+"""
+
+
+def test_a_hung_step_writes_every_stack_and_exits_within_the_timeout(prepared, tmp_path):
+    data, _ = prepared
+    run_dir = tmp_path / "run"
+    timeout = 6.0
+    proc = launch(data, run_dir, python_code=HANG, hang_timeout_s=timeout, eval_every=0, ckpt_every=0)
+    assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 2, proc)
+    t0 = time.time()
+    code = proc.wait(timeout=120)
+    waited = time.time() - t0
+    print(f"watchdog fired {waited:.1f} s after step 2 was logged (train.hang_timeout_s={timeout})")
+    assert code == 70
+    assert waited < timeout + 10
+    stacks = (run_dir / "hang-0.txt").read_text()
+    assert stacks.startswith(f"step 3 did not finish within train.hang_timeout_s={timeout:g} s; pid {proc.pid}")
+    assert "planted_hang" in stacks and "h3pretrain-watchdog" not in stacks.split("\n", 1)[0]
+    assert "Thread" in stacks and stacks.count("File ") > 5
+    log = Path(str(run_dir) + ".log").read_text()
+    assert f"stacks in {run_dir / 'hang-0.txt'}; exiting with 70" in log
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """RANK -> pid of the workers torchrun started."""
+    out = {}
+    for child in subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        rank = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+        if rank:
+            out[int(rank[0])] = int(child)
+    return out
+
+
+def test_a_lost_rank_brings_the_job_down_and_the_rerun_resumes_exactly(prepared, tmp_path):
+    """4 ranks, rank 2 SIGKILLed after step 3: torchrun exits non-zero within the bound, and the same
+    command resumes from the last checkpoint and ends as an uninterrupted 4-rank run, bit for bit."""
+    data, _ = prepared
+    extra = {**NO_DROPOUT, "micro_batch": 2}
+    ref = tmp_path / "ref"
+    assert run(data, ref, nproc=4, **extra) == 0
+    run_dir = tmp_path / "run"
+    proc = launch(data, run_dir, nproc=4, **extra)
+    assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 3, proc)
+    workers = _worker_pids(proc.pid)
+    assert sorted(workers) == [0, 1, 2, 3]
+    t0 = time.time()
+    os.kill(workers[2], signal.SIGKILL)
+    code = proc.wait(timeout=300)
+    down = time.time() - t0
+    print(f"a SIGKILLed rank brought the 4-rank job down in {down:.1f} s (exit {code})")
+    assert code not in (0, 75) and down < 120
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers.values())
+    assert run(data, run_dir, nproc=4, **extra) == 0
+    assert "resumed from" in Path(str(run_dir) + ".log").read_text()
+    assert losses(run_dir) == losses(ref)
