@@ -13,6 +13,7 @@ gradient norms (clipping) add up over TP x PP, counting replicated parameters on
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,33 @@ class StepResult:
     """The global mean loss of the step."""
     flags: tuple[float, ...]
     """Each flag the caller passed to train_step, summed over all ranks."""
+
+
+class StepTimer:
+    """Device time between start() and stop(): CUDA events on a GPU (read later, once the step's
+    sync has passed them: no sync of its own), the wall clock on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.cuda else None
+        self._times = [0.0, 0.0]
+
+    def start(self) -> None:
+        self._mark(0)
+
+    def stop(self) -> None:
+        self._mark(1)
+
+    def _mark(self, i: int) -> None:
+        if self.cuda:
+            self._events[i].record()
+        else:
+            self._times[i] = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            return self._events[0].elapsed_time(self._events[1]) / 1e3
+        return self._times[1] - self._times[0]
 
 
 class TrainingEngine:
@@ -106,6 +134,7 @@ class TrainingEngine:
         if self.compiling is not None and not self.compiling.strict and layout.pp == 1:
             self._compile_now(seq_len)  # before DeepSpeed hooks the gradients
 
+        self._timer = StepTimer(device)
         self.local_batch = local_batch = batch_per_rank(train_cfg, layout.dp)
         if layout.pp == 1:
             self.module: nn.Module = self.models[0]
@@ -122,6 +151,15 @@ class TrainingEngine:
         optimizer, self.optimizer_name = build_optimizer(self.module, train_cfg)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer, config=ds,
                                                     mpu=DeepSpeedMPU())
+        self._last_micro = False
+        reduce_gradients = self.engine._backward_epilogue  # the data-parallel gradient reduction
+
+        def timed_epilogue():
+            if self._last_micro:
+                self._timer.stop()  # this rank's own work ends here; next, the ranks wait for the slowest
+            return reduce_gradients()
+
+        self.engine._backward_epilogue = timed_epilogue
         # DeepSpeed's WarmupCosineLR starts at iteration -1 (lr 0) and its linear warmup is 0 at
         # iteration 0: two steps without learning. Step k (1-based) uses iteration k: lr * k / warmup.
         self.engine.lr_scheduler.step(1)
@@ -194,13 +232,15 @@ class TrainingEngine:
         the losses of its micro-batches stay on the device until one all-reduce that also sums the
         caller's `flags` over all ranks (a stop request rides along at no extra sync).
         before_step(): called with the reduced gradients in place, just before the update."""
+        self._timer.start()
         batch = self._local(batch)
         micro = list(batch.split(self.cfg.train.micro_batch))
         if self.layout.pp == 1:
             losses = []
             for i, chunk in enumerate(micro):
                 loss = self._loss(chunk)
-                self.engine.backward(loss)
+                self._last_micro = i == len(micro) - 1
+                self.engine.backward(loss)  # stops the timer where the gradient reduction begins
                 if before_step is not None and i == len(micro) - 1:
                     before_step()
                 self.engine.step()
@@ -209,12 +249,19 @@ class TrainingEngine:
         else:
             with self.autocast:
                 local = run_schedule(self.stages, micro)
+            self._timer.stop()
             self.engine.allreduce_gradients()
             if before_step is not None:
                 before_step()
             self.engine.step()
         loss, summed = self._reduce(local, flags)
         return StepResult(loss, summed)
+
+    def compute_seconds(self) -> float:
+        """This rank's own time in the last step: its forwards and backwards, up to the gradient
+        reduction where the data-parallel ranks wait for each other (so a slow rank shows here, not in
+        the wall time; with ZeRO-2/3 or pipelining some waiting happens inside it)."""
+        return self._timer.seconds()
 
     @torch.no_grad()
     def eval_loss(self, batch: torch.Tensor) -> float:

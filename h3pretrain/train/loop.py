@@ -207,6 +207,21 @@ class _StartGuard:
                 self.run_dir.rmdir()
 
 
+def _rank_times(compute_s: float, data_wait_s: float, device) -> dict[str, float]:
+    """Collective (on log steps): the slowest and fastest rank's own step time (compute, up to the
+    loss reduction) and the longest data wait, with which rank, so a slow node shows early."""
+    mine = torch.tensor([compute_s, data_wait_s], dtype=torch.float64, device=device)
+    every = torch.empty(dist.get_world_size() * 2, dtype=torch.float64, device=device)
+    dist.all_gather_into_tensor(every, mine)
+    every = every.view(-1, 2)
+    compute, wait = every[:, 0].tolist(), every[:, 1].tolist()
+    slow = max(range(len(compute)), key=compute.__getitem__)
+    fast = min(range(len(compute)), key=compute.__getitem__)
+    waits = max(range(len(wait)), key=wait.__getitem__)
+    return {"step_time_max_s": compute[slow], "step_time_max_rank": slow, "step_time_min_s": compute[fast],
+            "step_time_min_rank": fast, "data_wait_max_s": wait[waits], "data_wait_max_rank": waits}
+
+
 def _compile_said(engine: TrainingEngine) -> str:
     if engine.compile_failure:
         return f"off (failed, running eager: {engine.compile_failure})"
@@ -425,6 +440,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             t0 = time.time()
             watchdog.arm(step + 1, first=step + 1 == first_step)  # the data wait counts: a hung read too
             batch = prefetch.get()
+            data_wait = time.time() - t0
             lr = engine.lr()  # what this step's optimizer update uses
             result = engine.train_step(batch, flags=(stop.requested,))  # the step's one host sync
             watchdog.disarm()
@@ -449,11 +465,13 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             step += 1
             tokens += train_cfg.global_batch * seq_len
             elapsed = time.time() - t0
-            if rank == 0 and (step % train_cfg.log_every == 0 or step == train_cfg.steps):
+            log_step = step % train_cfg.log_every == 0 or step == train_cfg.steps
+            ranks = _rank_times(engine.compute_seconds(), data_wait, device) if log_step else {}
+            if rank == 0 and log_step:
                 tps = train_cfg.global_batch * seq_len / elapsed
                 m = {"loss": last_loss, "lr": lr, "grad_norm": engine.grad_norm(),
                      "tokens_per_s": tps, "mfu": tps * flops_per_token / peak if peak else 0.0,
-                     "memory_gb": memory_gb(), "tokens": tokens}
+                     "memory_gb": memory_gb(), "tokens": tokens, **ranks}
                 if data.mixture:  # tokens seen per source
                     m.update({f"tokens/{name}": n * seq_len for name, n in
                               zip(data.names, loader.samples_per_source(step * train_cfg.global_batch))})

@@ -917,3 +917,41 @@ def test_a_lost_rank_brings_the_job_down_and_the_rerun_resumes_exactly(prepared,
     assert run(data, run_dir, nproc=4, **extra) == 0
     assert "resumed from" in Path(str(run_dir) + ".log").read_text()
     assert losses(run_dir) == losses(ref)
+
+
+SLOW_RANK = """
+import os, sys, time, torch
+from h3pretrain.model import HybridLM
+loss = HybridLM.loss
+def slowed(self, logits, targets):
+    if torch.is_grad_enabled() and os.environ["RANK"] == "1":
+        time.sleep(0.5)  # a slow node
+    return loss(self, logits, targets)
+HybridLM.loss = slowed
+from h3pretrain.cli import main
+sys.exit(main())
+"""
+
+
+def test_each_log_step_names_the_slowest_and_fastest_rank(prepared, tmp_path):
+    """Rank 1 of 2 is slowed by 0.5 s per micro-batch (one per step here): every log step records it
+    as the slowest rank (its own step time, before the ranks wait for each other), in metrics.jsonl
+    and mlflow."""
+    from mlflow.tracking import MlflowClient
+
+    data, _ = prepared
+    slow = tmp_path / "slow"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--no-python", sys.executable, "-c", SLOW_RANK, "train", *_args(data, slow, **NO_DROPOUT)],
+                            env=_env(), stdout=open(str(slow) + ".log", "ab"), stderr=subprocess.STDOUT)
+    assert proc.wait(timeout=600) == 0, Path(str(slow) + ".log").read_text()[-3000:]
+    train = [r for r in map(json.loads, (slow / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    assert len(train) == 8
+    print([(r["step_time_max_rank"], round(r["step_time_max_s"], 3), round(r["step_time_min_s"], 3)) for r in train])
+    for r in train[1:]:  # (the first step does one-time work of its own on each rank)
+        assert r["step_time_max_rank"] == 1 and r["step_time_max_s"] >= 0.5, r
+        assert r["step_time_min_rank"] == 0 and r["step_time_min_s"] < r["step_time_max_s"] - 0.4, r
+        assert r["data_wait_max_rank"] in (0, 1) and r["data_wait_max_s"] >= 0
+    client = MlflowClient(tracking_uri=f"sqlite:///{slow / 'mlflow.db'}")
+    run_id = (slow / "mlflow_run_id").read_text().strip()
+    assert [m.value for m in client.get_metric_history(run_id, "step_time_max_rank")][1:] == [1.0] * 7
