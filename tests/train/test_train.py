@@ -693,8 +693,8 @@ def _lock(run_dir: Path, **holder):
 
 def test_one_trainer_per_run_directory(reference, tmp_path):
     """A second trainer on a run directory in use refuses (exit 2, one line naming the holder) and the
-    first finishes untouched; a lock whose holder is gone, or held by this job before its requeue, is
-    taken over with a warning; the lock goes with the run."""
+    first finishes untouched; the lock goes with the run; a lock held on another host with no SLURM
+    job to ask about is refused, and nothing is written (the takeovers: tests/train/test_lock.py)."""
     import socket
 
     data, ref_dir = reference
@@ -713,17 +713,6 @@ def test_one_trainer_per_run_directory(reference, tmp_path):
     assert first.wait(timeout=600) == 0
     assert losses(run_dir) == losses(ref_dir) and not (run_dir / "trainer.lock").exists()
 
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    stale = tmp_path / "stale"
-    _lock(stale, host=socket.gethostname(), pid=gone.pid)
-    assert run(data, stale, steps=2, ckpt_every=0, eval_every=0) == 0
-    assert f"took over {stale / 'trainer.lock'} from host {socket.gethostname()} pid {gone.pid}: pid {gone.pid} " \
-           "no longer runs" in Path(str(stale) + ".log").read_text()
-    requeued = tmp_path / "requeued"
-    _lock(requeued, slurm_job_id="4242")
-    assert run(data, requeued, env={"SLURM_JOB_ID": "4242"}, steps=2, ckpt_every=0, eval_every=0) == 0
-    assert "SLURM job 4242 was requeued" in Path(str(requeued) + ".log").read_text()
     held = tmp_path / "held"
     _lock(held)  # on another host, no SLURM job to ask about: cannot be known to be gone
     refused = _cli_train(data, held, steps=2)
