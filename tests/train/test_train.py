@@ -584,7 +584,7 @@ sys.exit(main())
 def test_auto_compile_that_fails_trains_eager_and_says_so(reference, tmp_path):
     """train.compile=auto whose compile fails (a planted inductor error): one warning, the run trains
     eager with the losses of the eager reference bit for bit, and the start log, status.json and
-    mlflow say compiled false with the reason; train.compile=true stops on the same error."""
+    mlflow say compiled false with the reason."""
     from mlflow.tracking import MlflowClient
 
     data, ref_dir = reference
@@ -600,10 +600,7 @@ def test_auto_compile_that_fails_trains_eager_and_says_so(reference, tmp_path):
     params = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}").get_run(
         (run_dir / "mlflow_run_id").read_text().strip()).data.params
     assert params["train.compiled"] == "False" and "planted inductor failure" in params["train.compile_failure"]
-    assert losses(run_dir) == losses(ref_dir)
-    strict = tmp_path / "strict"
-    assert run(data, strict, python_code=FAILING_COMPILE, compile="true", **extra) not in (0, 75)
-    assert "planted inductor failure" in Path(str(strict) + ".log").read_text()
+    assert losses(run_dir) == losses(ref_dir)  # (train.compile=true raising instead: tests/model/test_regional.py)
 
 
 HOST_READS = """
@@ -831,8 +828,9 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_loses_nothing(reference
     assert (ckpts / "latest").read_text().strip() == "step-00000002"
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and "no space left" in status["error"]
-    assert run(data, run_dir, **extra) == 0
-    assert losses(run_dir) == losses(ref_dir)
+    if background:  # (the resume is the same for both)
+        assert run(data, run_dir, **extra) == 0
+        assert losses(run_dir) == losses(ref_dir)
 
 
 HANG = """
