@@ -743,14 +743,14 @@ def test_a_non_finite_step_applies_no_update_and_resumes_exactly(reference, tmp_
     from h3pretrain.checkpoint import load_checkpoint_model
 
     data, _ = reference
-    extra = {"model.embed_dropout": 0.1, "model.attn_dropout": 0.1, "keep_last": 10}
+    extra = {"model.embed_dropout": 0.1, "model.attn_dropout": 0.1, "keep_last": 10, "steps": 6, "eval_every": 0}
     planted = tmp_path / "planted"
     assert run(data, planted, python_code=INF_LOSS, env={"H3_TEST_INF_STEPS": "3"}, ckpt_every=1, **extra) == 0
     log = Path(str(planted) + ".log").read_text()
     assert "step 3: loss inf: no update applied (1 such step(s) in a row; train.max_bad_steps=3)" in log
     records = {r["step"]: r for r in map(json.loads, (planted / "metrics.jsonl").read_text().splitlines())
                if r["kind"] == "train"}
-    assert records[3]["loss"] is None and all(records[s]["loss"] is not None for s in (1, 2, 4, 8))
+    assert records[3]["loss"] is None and all(records[s]["loss"] is not None for s in (1, 2, 4, 6))
     ckpts = planted / "checkpoints"
     w2, w3 = (load_checkpoint_model(ckpts / f"step-0000000{s}")[1] for s in (2, 3))
     assert all(torch_equal(w2[k], w3[k]) for k in w2)
@@ -883,15 +883,15 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
 
 
 def test_a_lost_rank_brings_the_job_down_and_the_rerun_resumes_exactly(prepared, tmp_path):
-    """4 ranks, rank 2 SIGKILLed after step 3: torchrun exits non-zero within the bound, and the same
+    """4 ranks, rank 2 SIGKILLed after step 2: torchrun exits non-zero within the bound, and the same
     command resumes from the last checkpoint and ends as an uninterrupted 4-rank run, bit for bit."""
     data, _ = prepared
-    extra = {**NO_DROPOUT, "micro_batch": 2}
+    extra = {**NO_DROPOUT, "micro_batch": 2, "eval_every": 0, "steps": 6}
     ref = tmp_path / "ref"
     assert run(data, ref, nproc=4, **extra) == 0
     run_dir = tmp_path / "run"
     proc = launch(data, run_dir, nproc=4, **extra)
-    assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 3, proc)
+    assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 2, proc)
     workers = _worker_pids(proc.pid)
     assert sorted(workers) == [0, 1, 2, 3]
     t0 = time.time()
