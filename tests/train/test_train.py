@@ -883,7 +883,7 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
 
 
 def test_a_lost_rank_brings_the_job_down_and_the_rerun_resumes_exactly(prepared, tmp_path):
-    """4 ranks, rank 2 SIGKILLed after step 2: torchrun exits non-zero within the bound, and the same
+    """4 ranks, rank 2 SIGKILLed after step 3: torchrun exits non-zero within the bound, and the same
     command resumes from the last checkpoint and ends as an uninterrupted 4-rank run, bit for bit."""
     data, _ = prepared
     extra = {**NO_DROPOUT, "micro_batch": 2, "eval_every": 0, "steps": 6}
@@ -891,7 +891,8 @@ def test_a_lost_rank_brings_the_job_down_and_the_rerun_resumes_exactly(prepared,
     assert run(data, ref, nproc=4, **extra) == 0
     run_dir = tmp_path / "run"
     proc = launch(data, run_dir, nproc=4, **extra)
-    assert _wait_for(lambda: (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 2, proc)
+    assert _wait_for(lambda: (run_dir / "checkpoints" / "step-00000002" / "manifest.json").exists()
+                     and max(losses(run_dir), default=0) >= 3, proc)
     workers = _worker_pids(proc.pid)
     assert sorted(workers) == [0, 1, 2, 3]
     t0 = time.time()
