@@ -58,8 +58,8 @@ def _records(run_dir: Path, kind: str = "train") -> dict[int, dict]:
 class Trainer:
     """`h3pretrain train` in a process of its own, with this section's settings."""
 
-    def __init__(self, work: Path, shards: Path, vocab: int, s: dict, env: dict):
-        self.work, self.shards, self.vocab, self.s, self.env = work, shards, vocab, s, env
+    def __init__(self, shards: Path, vocab: int, s: dict, env: dict):
+        self.shards, self.vocab, self.s, self.env = shards, vocab, s, env
 
     def command(self, run_dir: Path, **train) -> list[str]:
         s = self.s
@@ -228,7 +228,7 @@ def train(device, smoke: bool):
     vocab, samples = manifest["tokenizer"]["vocab_size"], manifest["splits"]["train"]["samples"]
     yield {"case": "prep", "passed": True, "seconds": round(time.time() - t0, 1), "vocab_size": vocab,
            "train_samples": samples, "seq_len": s["seq_len"]}
-    t = Trainer(work, shards, vocab, s, env)
+    t = Trainer(shards, vocab, s, env)
     reference = work / "compiled"
     compiled = train_compiled(t, reference)
     yield compiled

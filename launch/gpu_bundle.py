@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -116,7 +117,7 @@ def _download(name: str, version: str, out: Path) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                                     "-w", tmp, f"{name}=={version}"], capture_output=True, text=True,
-                                   env={**__import__("os").environ, "DS_BUILD_OPS": "0"})
+                                   env={**os.environ, "DS_BUILD_OPS": "0"})
             wheels = list(Path(tmp).glob("*.whl"))
             if built.returncode != 0 or not wheels or not wheels[0].name.endswith("-none-any.whl"):
                 raise SystemExit(f"gpu-bundle: no wheel of {name}=={version} for CPython 3.12 on manylinux x86_64, and "

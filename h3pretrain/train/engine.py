@@ -190,11 +190,11 @@ class TrainingEngine:
         rank does the same (the layers' collectives match); the RNG and the gradients are left as
         they were."""
         model = self.models[0]
-        ids = torch.zeros(self.cfg.train.micro_batch, seq_len + 1, dtype=torch.long)
+        ids = self._local(torch.zeros(self.cfg.train.micro_batch, seq_len + 1, dtype=torch.long))
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             with self.autocast:
-                logits = model(self._local(ids)[:, :-1])
-            model.loss(logits, self._local(ids)[:, 1:]).backward()
+                logits = model(ids[:, :-1])
+            model.loss(logits, ids[:, 1:]).backward()
         for p in model.parameters():
             p.grad = None
 
@@ -284,11 +284,11 @@ class TrainingEngine:
         for flat in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
             tensors += list(getattr(self.engine.optimizer, flat, None) or [])
         tensors += [t for state in self._adam.state.values() for t in state.values()
-                    if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
-        bad = torch.zeros((), device=self.device)
-        for t in tensors:
-            if t.numel():
-                bad += (~torch.isfinite(t.detach())).any()
+                    if torch.is_tensor(t) and t.is_floating_point()]
+        unique = {id(t): t for t in tensors if t.numel()}  # the fp32 partitions are listed twice
+        bad = torch.zeros((), dtype=torch.float64, device=self.device)
+        for t in unique.values():
+            bad += (~torch.isfinite(t.detach())).any()
         dist.all_reduce(bad)
         return not bool(bad)
 

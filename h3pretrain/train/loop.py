@@ -209,7 +209,7 @@ class _StartGuard:
 
 def _rank_times(compute_s: float, data_wait_s: float, device) -> dict[str, float]:
     """Collective (on log steps): the slowest and fastest rank's own step time (compute, up to the
-    loss reduction) and the longest data wait, with which rank, so a slow node shows early."""
+    gradient reduction) and the longest data wait, with which rank, so a slow node shows early."""
     mine = torch.tensor([compute_s, data_wait_s], dtype=torch.float64, device=device)
     every = torch.empty(dist.get_world_size() * 2, dtype=torch.float64, device=device)
     dist.all_gather_into_tensor(every, mine)
@@ -504,8 +504,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
         good = str(run_dir / "checkpoints" / latest.read_text().strip()) if latest.is_file() else "none"
         if rank == 0:
             log.error("%s; the last good checkpoint is %s; exiting with %d (not restarted: it would meet the same "
-                      "batches; lower train.lr, or resume from it with train.allow_data_change)", why, good,
-                      EXIT_DIVERGED)
+                      "batches)", why, good, EXIT_DIVERGED)
         write_status("failed", {"error": str(why), "last_good_checkpoint": good, "loss": last_loss})
         if tracker:
             tracker.close("FAILED")
