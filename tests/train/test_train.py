@@ -186,7 +186,7 @@ def test_stop_request_ends_a_wait_for_data():
     t0 = time.time()
     with pytest.raises(Stopped, match="waiting for data"):
         prefetch.get()
-    assert time.time() - t0 < 2
+    assert time.time() - t0 < 60  # stopped, not the loader's 600 s wait
     prefetch.close()
 
 
