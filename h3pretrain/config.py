@@ -231,6 +231,21 @@ class TrainConfig:
     """A step whose loss or global gradient norm is not finite applies no update (DeepSpeed skips
     it; the batch counts as seen); after this many such steps in a row the run stops (exit 65,
     status.json `failed`, the last good checkpoint named). 0: never stop for it."""
+    spike: Literal["off", "warn", "rollback"] = "warn"
+    """Loss spikes: a step whose loss exceeds mean + spike_z * std of the last spike_window steps'
+    losses. warn: logged (a `spike` record in metrics.jsonl and mlflow, a warning line). rollback:
+    also reload the newest checkpoint before the spike and skip the next spike_skip_batches
+    global batches of data (extended through the spike's own batch), recorded in
+    run_dir/skipped_batches.jsonl and status.json; needs ckpt_every > 0."""
+    spike_window: int = 100
+    """Steps whose losses make the running statistics; detection starts once it is full."""
+    spike_z: float = 6.0
+    """Standard deviations above the window's mean that make a spike."""
+    spike_skip_batches: int = 200
+    """Global batches a rollback skips, from the first one after the checkpoint it reloads."""
+    spike_max_rollbacks: int = 3
+    """Rollbacks to one checkpoint (spikes before the next checkpoint is written) after which the
+    run stops as diverged (exit 65) instead of rolling back again."""
     mlflow: bool = True
     """Track the run in mlflow."""
     mlflow_uri: str = ""
@@ -254,6 +269,15 @@ class TrainConfig:
                 errors.append(f"train.{name} must be >= 0, not {getattr(self, name)}")
         if self.eval_every and self.eval_batches < 1:
             errors.append(f"train.eval_batches must be >= 1 when train.eval_every > 0, not {self.eval_batches}")
+        if self.spike_window < 2:
+            errors.append(f"train.spike_window must be >= 2, not {self.spike_window}")
+        if not self.spike_z > 0:
+            errors.append(f"train.spike_z must be > 0, not {self.spike_z}")
+        if self.spike_skip_batches < 0 or self.spike_max_rollbacks < 1:
+            errors.append("train.spike_skip_batches must be >= 0 and train.spike_max_rollbacks >= 1, not "
+                          f"{self.spike_skip_batches} and {self.spike_max_rollbacks}")
+        if self.spike == "rollback" and not self.ckpt_every:
+            errors.append("train.spike=rollback needs checkpoints to roll back to: set train.ckpt_every > 0")
         if not self.lr > 0:
             errors.append(f"train.lr must be > 0, not {self.lr}")
         if errors:

@@ -83,6 +83,7 @@ def test_every_field_has_a_docstring_that_info_prints(capsys):
     ("train.compile", "maybe", "train.compile must be true or false or auto, not 'maybe'"),
     ("model.mixer", "mamba", "model.mixer must be one of h3, attention, s4d, not 'mamba'"),
     ("train.optimizer", "sgd", "train.optimizer must be one of auto, torch, apex, deepspeed, not 'sgd'"),
+    ("train.spike", "revert", "train.spike must be one of off, warn, rollback, not 'revert'"),
 ])
 def test_choices_are_literal_types_checked_when_read(key, value, message):
     from h3pretrain.config import Config, ConfigError, apply_overrides
@@ -108,3 +109,21 @@ def test_config_validate_is_the_one_place_that_checks_everything():
     for part in ("train.precision must be one of bf16, fp32", "train.steps must be >= 1", "parallel.tp must be >= 1",
                  "d_model 30 is not a multiple of attn_num_heads"):
         assert part in text, text
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"spike": "rollback", "ckpt_every": 0},
+     "train.spike=rollback needs checkpoints to roll back to: set train.ckpt_every > 0"),
+    ({"spike_window": 1}, "train.spike_window must be >= 2, not 1"),
+    ({"spike_z": 0.0}, "train.spike_z must be > 0, not 0.0"),
+    ({"spike_skip_batches": -1}, "train.spike_skip_batches must be >= 0 and train.spike_max_rollbacks >= 1, not -1 and 3"),
+])
+def test_spike_settings_are_checked(settings, message):
+    from h3pretrain.config import Config, ConfigError
+
+    cfg = Config()
+    for key, value in settings.items():
+        setattr(cfg.train, key, value)
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert str(err.value) == message

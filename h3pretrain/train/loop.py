@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..data import TokenBatches, TrainingData
 from .engine import TrainingEngine
 from .lock import RunLock
+from .spikes import SkipLog, Spike, SpikeWindow, skipped_range
 from .watchdog import Watchdog
 from ..quiet import silence_third_party_noise
 from ..parallel.pipeline import describe as describe_partition
@@ -222,6 +223,38 @@ def _rank_times(compute_s: float, data_wait_s: float, device) -> dict[str, float
             "step_time_min_rank": fast, "data_wait_max_s": wait[waits], "data_wait_max_rank": waits}
 
 
+def _trained_per_source(loader, batches: int, skipped_ranges: list[dict], global_batch: int) -> list[int]:
+    """Samples trained on per source in the first `batches` global batches, less those skipped."""
+    out = loader.samples_per_source(batches * global_batch)
+    for r in skipped_ranges:
+        end, start = (loader.samples_per_source(b * global_batch) for b in (r["last_batch"] + 1, r["first_batch"]))
+        out = [n - (e - s) for n, e, s in zip(out, end, start)]
+    return out
+
+
+def _say_rollback(record: dict, tracker: Tracker | None, again: bool) -> None:
+    """Rank 0 (the one with a tracker): the log line of a rollback about to be made or applied again."""
+    if tracker is None:
+        return
+    what = (f"global batches {record['first_batch']}-{record['last_batch']} ({record['batches']}) skipped; recorded "
+            f"in {tracker.run_dir / SkipLog.NAME}")
+    if again:
+        log.warning("applying the rollback recorded for the spike at step %d: back at step %d, %s",
+                    record["spike_step"], record["rolled_back_to"], what)
+    else:
+        log.warning("step %d: %s: rolling back to %s (step %d), %s", record["spike_step"],
+                    Spike(record["loss"], record["window_mean"], record["window_std"], record["threshold"]).describe(),
+                    record["checkpoint"], record["rolled_back_to"], what)
+
+
+def _log_rollback(record: dict, tracker: Tracker | None) -> None:
+    """Rank 0: the `rollback` record of metrics.jsonl (and mlflow), at the step the run went back to."""
+    if tracker is not None:
+        tracker.log(record["rolled_back_to"], {k: record[k] for k in (
+            "spike_step", "loss", "window_mean", "window_std", "threshold", "first_batch", "last_batch", "batches")},
+            kind="rollback")
+
+
 def _compile_said(engine: TrainingEngine) -> str:
     if engine.compile_failure:
         return f"off (failed, running eager: {engine.compile_failure})"
@@ -294,7 +327,34 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                                  timeout_s=cfg.parallel.timeout_s)
         step, tokens, last_eval = 0, 0, 0
         skipped, bad_in_a_row = 0, 0  # updates not applied (non-finite steps); such steps just now
-        resume_from = None
+        offset, skipped_ranges = 0, []  # global batches skipped by rollbacks, and their ranges
+        window = SpikeWindow(train_cfg.spike_window, train_cfg.spike_z)
+        skip_log = SkipLog(run_dir)
+        rollbacks_here = 0  # rollbacks to the newest checkpoint
+
+        def restore(path: Path, state: dict) -> list[dict]:
+            """Collective: the run as it was at checkpoint `path`, with the rollbacks recorded to it
+            applied (returned)."""
+            nonlocal step, tokens, last_eval, skipped, bad_in_a_row, offset, skipped_ranges, rollbacks_here
+            skipped, bad_in_a_row = state.get("skipped_updates", 0), state.get("bad_steps_in_a_row", 0)
+            engine.load(path, state["step"], ckpt.group, updates=state["step"] - skipped)
+            if not engine.state_finite():
+                raise ConfigError(f"{path} holds a non-finite weight or optimizer moment: resume from an "
+                                  "earlier checkpoint (train.resume=<run>/checkpoints/step-NNNNNNNN)")
+            ckpt.restore_rng(path, same_layout=state.get("layout") == layout.shape())
+            loader.load_state_dict(state["data"])
+            step, tokens = state["step"], state["tokens"]
+            last_eval = state.get("last_eval_step", step)
+            offset, skipped_ranges = state.get("data_offset_batches", 0), list(state.get("skipped_batches", []))
+            window.load_state_dict(state.get("spike_window", []))
+            applied = skip_log.applicable(step, offset)
+            for record in applied:
+                offset = record["offset_before"] + record["batches"]
+                skipped_ranges.append(skipped_range(record))
+            rollbacks_here = len(applied)
+            return applied
+
+        resume_from, reapplied = None, []
         if train_cfg.resume == "auto":
             resume_from = ckpt.find_resumable()
         elif train_cfg.resume != "none":
@@ -314,15 +374,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             if changes and rank == 0:
                 log.warning("continuing on changed data (train.allow_data_change): %s", "; ".join(changes))
             _check_model_shape(cfg, state, resume_from)
-            skipped, bad_in_a_row = state.get("skipped_updates", 0), state.get("bad_steps_in_a_row", 0)
-            engine.load(resume_from, state["step"], ckpt.group, updates=state["step"] - skipped)
-            if not engine.state_finite():
-                raise ConfigError(f"{resume_from} holds a non-finite weight or optimizer moment: resume from an "
-                                  "earlier checkpoint (train.resume=<run>/checkpoints/step-NNNNNNNN)")
-            ckpt.restore_rng(resume_from, same_layout=state.get("layout") == layout.shape())
-            loader.load_state_dict(state["data"])
-            step, tokens = state["step"], state["tokens"]
-            last_eval = state.get("last_eval_step", step)
+            reapplied = restore(resume_from, state)
             if rank == 0:
                 was = state.get("layout")
                 log.info("resumed from %s at step %d (%s tokens)%s", resume_from, step, f"{tokens:,}",
@@ -341,11 +393,14 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
         save_yaml(cfg, run_dir / "config.yaml")
         if resume_from is not None and train_cfg.resume != "auto":
             ckpt.set_aside_newer(resume_from)
-        moved = trim_metrics(run_dir, step, eval_due)
+        moved = trim_metrics(run_dir, step, frozenset({"rollback", *(["eval"] if eval_due else [])}))
         if moved:
             log.info("metrics.jsonl: %d records after step %d (from the continuation that was lost) moved to "
                      "metrics.superseded.jsonl", moved, step)
     tracker = Tracker(cfg, run_dir, train_cfg.steps) if rank == 0 else None
+    for record in reapplied:
+        _say_rollback(record, tracker, again=True)
+        _log_rollback(record, tracker)
     if tracker:
         tracker.log_params({"flashconv.implementation": kernels["implementation"],
                             "flashconv.reason": kernels["reason"], "train.compiled": str(engine.compiled),
@@ -390,10 +445,13 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
             print(f"eval step {step} | loss {ev['loss']:.4f} | ppl {ev['perplexity']:.2f}{per_source}", flush=True)
 
     def save(reason: str) -> Path:
-        state = {"step": step, "tokens": tokens, "data": {**loader.state_dict(), "position": step * train_cfg.global_batch},
+        nonlocal rollbacks_here
+        state = {"step": step, "tokens": tokens,
+                 "data": {**loader.state_dict(), "position": (step + offset) * train_cfg.global_batch},
                  "world_size": world, "layout": layout.shape(), "reason": reason, "config": to_dict(cfg),
                  "last_eval_step": last_eval, "data_manifest": data_fingerprint, "skipped_updates": skipped,
-                 "bad_steps_in_a_row": bad_in_a_row}
+                 "bad_steps_in_a_row": bad_in_a_row, "data_offset_batches": offset,
+                 "skipped_batches": skipped_ranges, "spike_window": window.state_dict()}
         if not engine.state_finite():
             raise Diverged(f"step {step}: a weight or optimizer moment is not finite; checkpoint not written")
         covered = tracker.take_pending() if tracker else None
@@ -407,6 +465,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
 
         path = ckpt.save(engine.save, step, state, background=train_cfg.async_checkpoint,
                          on_complete=complete if tracker else None)
+        rollbacks_here = 0
         if tracker:  # what the save cost the training thread (with a background write: the copy to host memory)
             tracker.log(step, {"blocked_s": time.perf_counter() - t0,
                                "background": float(train_cfg.async_checkpoint)}, kind="checkpoint")
@@ -415,7 +474,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
     def write_status(state: str, extra: dict | None = None) -> None:
         guard.write({"state": state, "step": step, "steps": train_cfg.steps, "tokens": tokens,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "flashconv": kernels["implementation"],
-                     "compiled": engine.compiled,
+                     "compiled": engine.compiled, **({"skipped_batches": skipped_ranges} if skipped_ranges else {}),
                      **({"compile_failure": engine.compile_failure} if engine.compile_failure else {}), **(extra or {})})
 
     if step >= train_cfg.steps:
@@ -429,14 +488,48 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
     engine.train(True)
     watchdog = Watchdog(run_dir, rank, train_cfg.hang_timeout_s)
     first_step = step + 1
-    prefetch = Prefetcher(loader, step * train_cfg.global_batch, stop)
+    prefetch = Prefetcher(loader, (step + offset) * train_cfg.global_batch, stop)
+
+    def rollback(spike: Spike) -> bool:
+        """Collective. Back to the newest checkpoint, skipping data through the spike's batch; False
+        when there is no checkpoint to go back to."""
+        nonlocal prefetch, eval_due
+        ckpt.wait()
+        target = ckpt.find_resumable()
+        state = ckpt.read_state(target) if target is not None else None
+        if state is None or state["step"] >= step:
+            if rank == 0:
+                log.warning("step %d: %s; no checkpoint before it to roll back to: going on", step, spike.describe())
+            return False
+        if rollbacks_here >= train_cfg.spike_max_rollbacks:
+            raise Diverged(f"step {step}: {spike.describe()} after {rollbacks_here} rollbacks to {target} "
+                           f"(train.spike_max_rollbacks={train_cfg.spike_max_rollbacks})")
+        back_to = state["step"]
+        batches = max(train_cfg.spike_skip_batches, step - back_to)
+        record = {"spike_step": step, **spike.metrics(), "rolled_back_to": back_to, "checkpoint": target.name,
+                  "offset_before": offset, "batches": batches, "first_batch": back_to + offset,
+                  "last_batch": back_to + offset + batches - 1}
+        if rank == 0:
+            skip_log.append(record)
+        _say_rollback(record, tracker, again=False)
+        prefetch.close()
+        restore(target, state)
+        eval_due = bool(train_cfg.eval_every) and step % train_cfg.eval_every == 0 and last_eval < step
+        if tracker:
+            tracker.rewind(step, frozenset({"eval"} if eval_due else ()))
+        _log_rollback(record, tracker)
+        prefetch = Prefetcher(loader, (step + offset) * train_cfg.global_batch, stop)
+        write_status("running")
+        return True
+
     last_saved, last_loss = step, float("nan")
     compile_failure_said = engine.compile_failure
     write_status("running")
     try:
-        if eval_due:  # the evaluation of the resumed step was cut short by the stop that saved it
-            run_eval()
         while step < train_cfg.steps:
+            if eval_due:  # the evaluation of this checkpoint's step was cut short by the stop that saved it
+                run_eval()
+                eval_due = False
             t0 = time.time()
             watchdog.arm(step + 1, first=step + 1 == first_step)  # the data wait counts: a hung read too
             batch = prefetch.get()
@@ -457,6 +550,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                                    f"{train_cfg.max_bad_steps})")
             else:
                 bad_in_a_row = 0
+            spike = window.check(last_loss) if train_cfg.spike != "off" and not engine.update_skipped() else None
             if engine.compile_failure != compile_failure_said:  # train.compile=auto fell back during the run
                 compile_failure_said = engine.compile_failure
                 write_status("running")
@@ -464,6 +558,17 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                     tracker.log_params({"train.compiled": "False", "train.compile_failure": compile_failure_said})
             step += 1
             tokens += train_cfg.global_batch * seq_len
+            if spike and train_cfg.spike == "rollback" and rollback(spike):
+                last_saved = step
+                if stop_asked:
+                    raise Stopped("stop requested")
+                continue
+            if spike:
+                if rank == 0:
+                    log.warning("step %d: %s (train.spike=%s)", step, spike.describe(), train_cfg.spike)
+                    tracker.log(step, spike.metrics(), kind="spike")
+            if math.isfinite(last_loss) and not engine.update_skipped() and not (spike and train_cfg.spike == "rollback"):
+                window.add(last_loss)
             elapsed = time.time() - t0
             log_step = step % train_cfg.log_every == 0 or step == train_cfg.steps
             ranks = _rank_times(engine.compute_seconds(), data_wait, device) if log_step else {}
@@ -471,10 +576,11 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                 tps = train_cfg.global_batch * seq_len / elapsed
                 m = {"loss": last_loss, "lr": lr, "grad_norm": engine.grad_norm(),
                      "tokens_per_s": tps, "mfu": tps * flops_per_token / peak if peak else 0.0,
-                     "memory_gb": memory_gb(), "tokens": tokens, **ranks}
-                if data.mixture:  # tokens seen per source
+                     "memory_gb": memory_gb(), "tokens": tokens, "data_batch": step - 1 + offset, **ranks}
+                if data.mixture:  # tokens trained on per source
                     m.update({f"tokens/{name}": n * seq_len for name, n in
-                              zip(data.names, loader.samples_per_source(step * train_cfg.global_batch))})
+                              zip(data.names, _trained_per_source(loader, step + offset, skipped_ranges,
+                                                                  train_cfg.global_batch))})
                 tracker.log(step, m)
                 tracker.progress(step, m)
             if stop_asked:

@@ -47,11 +47,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def trim_metrics(run_dir: Path, step: int, eval_redone: bool) -> int:
-    """Before a resume at `step`: records of later steps (and the evaluation at `step` when it is
-    redone) belong to the continuation that was lost; they move to metrics.superseded.jsonl so
-    metrics.jsonl holds each step once. A torn last line (a kill mid-write) moves with them.
-    Returns the number of records moved."""
+def trim_metrics(run_dir: Path, step: int, redone: frozenset[str] = frozenset()) -> int:
+    """Before a resume (or a rollback) to `step`: records of later steps, and those of `step` whose
+    kind is in `redone` (an evaluation cut short, rollbacks that are applied again), belong to the
+    continuation that was lost; they move to metrics.superseded.jsonl so metrics.jsonl holds each
+    step once. A torn last line (a kill mid-write) moves with them. Returns the records moved."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return 0
@@ -59,7 +59,7 @@ def trim_metrics(run_dir: Path, step: int, eval_redone: bool) -> int:
     for line in path.read_bytes().splitlines(keepends=True):
         try:
             record = json.loads(line)
-            later = record["step"] > step or (eval_redone and record["step"] == step and record["kind"] == "eval")
+            later = record["step"] > step or (record["step"] == step and record["kind"] in redone)
         except (ValueError, KeyError, TypeError):
             later = True
         (moved if later else keep).append(line if line.endswith(b"\n") else line + b"\n")
@@ -148,6 +148,16 @@ class Tracker:
             prefix = "" if kind == "train" else f"{kind}/"
             self.pending += [Metric(prefix + k, float(v), now, step) for k, v in metrics.items() if v == v]
             self.batch_max[kind] = step
+
+    def rewind(self, step: int, redone: frozenset[str] = frozenset()) -> int:
+        """A rollback to the checkpoint of `step`: later records leave metrics.jsonl (trim_metrics)
+        and are not sent to mlflow. Returns the records moved."""
+        self.jsonl.close()
+        moved = trim_metrics(self.run_dir, step, redone)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        self.pending = [m for m in self.pending if m.step <= step]
+        self.batch_max = {kind: min(last, step) for kind, last in self.batch_max.items()}
+        return moved
 
     def take_pending(self) -> tuple[list, dict]:
         """What a checkpoint being written now covers; `send` it once the checkpoint is complete."""
