@@ -64,7 +64,7 @@ class CausalSelfAttention(nn.Module):
         positions = cache.positions(L) if cache is not None else None
         if self.rotary is not None:
             if positions is None:
-                positions = torch.arange(L, device=x.device) + (self.context.offset(L) if self.context else 0)
+                positions = self.context.positions(L, x.device) if self.context else torch.arange(L, device=x.device)
             own = positions if cache is None or cache.start is None else \
                 (positions[None, :] - cache.start[:, None]).clamp_min(0)  # each row counts from its first token
             q, k = self.rotary(q, own), self.rotary(k, own)

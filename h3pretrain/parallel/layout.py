@@ -82,8 +82,9 @@ def check_model(model: ModelConfig, parallel: ParallelConfig, seq_len: int) -> N
     if model.padded_vocab_size % parallel.tp:
         errors.append(f"the padded vocabulary {model.padded_vocab_size} is not divisible by parallel.tp {parallel.tp} "
                       "(raise model.pad_vocab_multiple)")
-    if seq_len % parallel.cp:
-        errors.append(f"the sequence length {seq_len} is not divisible by parallel.cp {parallel.cp}")
+    if parallel.cp > 1 and seq_len % (2 * parallel.cp):
+        errors.append(f"the sequence length {seq_len} is not divisible by 2 x parallel.cp = {2 * parallel.cp} "
+                      "(each rank holds two chunks of every sequence)")
     if model.n_layer < parallel.pp * parallel.virtual_pp:
         errors.append(f"model.n_layer {model.n_layer} is fewer than parallel.pp x parallel.virtual_pp "
                       f"= {parallel.pp * parallel.virtual_pp} pipeline chunks")

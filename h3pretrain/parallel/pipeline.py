@@ -17,6 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..model import HybridLM
 from ..model.flops import head_train_flops, layer_train_flops
+from .context import sequence_length, split_tokens
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,14 @@ class StageModule(nn.Module):
         self.input_tensor = tensor[0] if isinstance(tensor, (list, tuple)) else tensor
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        inputs = tokens[:, :-1]
+        inputs, targets = split_tokens(tokens)
         if self.model.pre_process:
             out = self.model(inputs)
         else:
             hidden = self.input_tensor if self.seq_first else self.input_tensor.transpose(0, 1)
             out = self.model(None, hidden=hidden)
         if self.last:
-            return self.model.loss(out, tokens[:, 1:])
+            return self.model.loss(out, targets)
         return out if self.seq_first else out.transpose(0, 1).contiguous()
 
 
@@ -144,7 +145,7 @@ def run_schedule(chunks: list[StageModule], microbatches: list[torch.Tensor], fo
     from megatron.core import parallel_state as ps
 
     # megatron wants the whole sequence's length and divides it by CP (and TP with sequence parallel)
-    mb, length = microbatches[0].shape[0], (microbatches[0].shape[1] - 1) * ps.get_context_parallel_world_size()
+    mb, length = microbatches[0].shape[0], sequence_length(microbatches[0], ps.get_context_parallel_world_size())
     iterators = [iter(microbatches) for _ in chunks]
     out = get_forward_backward_func()(
         forward_step_func=_forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],

@@ -29,6 +29,7 @@ from ..model import HybridLM
 from ..model.layers import LayerFactory
 from ..model.regional import CompiledBlocks, apply_recompute, compile_wanted
 from ..parallel.layout import DeepSpeedMPU, Layout, check_model, initialize, zero_group
+from ..parallel.context import split_tokens
 from ..parallel.layout import local_batch as batch_per_rank
 from ..parallel.pipeline import StageModule, partition, run_schedule, schedule_config, tie_embedding_grads
 from .optim import build_optimizer, deepspeed_config
@@ -204,9 +205,10 @@ class TrainingEngine:
         tie_embedding_grads(self.stages)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        inputs, targets = split_tokens(batch)
         with self.autocast:
-            logits = self.engine(batch[:, :-1])
-        return self.models[0].loss(logits, batch[:, 1:])
+            logits = self.engine(inputs)
+        return self.models[0].loss(logits, targets)
 
     def _reduce(self, local: torch.Tensor | float, flags: Sequence[float] = ()) -> tuple[float, tuple[float, ...]]:
         """One all-reduce and one host read: the loss lives on the last stage (every TP, CP and DP rank
