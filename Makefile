@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 .PHONY: help setup test test-fast test-compat corpus pretrain bench-prep bench-generate bench-kernels bench-checkpoint gpu-check gpu-bundle clean-venv resume status $(SLURM_TARGETS)
 
 help:
-	@echo "make pretrain      set up, build a small corpus, train a tiny hybrid H3 model on CPU"
+	@echo "make pretrain      set up, build a small corpus, train a tiny hybrid H3 model on CPU (SET='k=v ...')"
 	@echo "make pretrain-2.7b submit a SLURM job for H3-2.7B (also -125m -355m -1.3b); DRY_RUN=1 prints it"
 	@echo "                   NODES= GPUS_PER_NODE= TIME= PARTITION= ACCOUNT= (or the environment), SET='k=v ...'"
 	@echo "make resume RUN=d  submit a new job that resumes run directory d (TIME=... etc. apply)"
@@ -42,24 +42,26 @@ $(STAMP): pyproject.toml launch/constraints.txt launch/setup_env.sh
 # corpus falls back to the standard library's docstrings.
 DOC_SOURCES := $(firstword $(wildcard /usr/share/doc/python3.*/html/_sources))
 corpus: $(STAMP)
-	@if [ -z "$(DOC_SOURCES)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	@test -f data/corpus/corpus-00.jsonl.zst || { \
+	if [ -z "$(DOC_SOURCES)" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 		echo "installing python3.11-doc (text for the local corpus)"; \
 		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3.11-doc >/dev/null 2>&1 || \
 		 (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3.11-doc >/dev/null 2>&1)) \
 		|| echo "python3.11-doc unavailable: the corpus will use stdlib docstrings"; \
-	fi
-	@test -f data/corpus/corpus-00.jsonl.zst || $(PY) -m data_prep.corpus --out data/corpus
+	fi; \
+	$(PY) -m data_prep.corpus --out data/corpus; }
 
 # A tiny hybrid H3 (4 layers, one attention) on the local corpus, on CPU. Re-running resumes.
+# SET='train.steps=20 ...' overrides the config; the summary names the run, its checkpoint and what to run next.
 TINY_DATA := data/shards-tiny
+TINY_RUN = $(or $(patsubst train.run_dir=%,%,$(filter train.run_dir=%,$(SET))),checkpoints/tiny)
 pretrain: corpus
 	$(PY) -m h3pretrain.cli prep data/corpus --out $(TINY_DATA) --seq-len 256 --vocab-size 4096 \
 		--samples-per-shard 512 --tokenizer-sample-mb 20
-	$(PY) -m h3pretrain.cli train --config launch/configs/tiny.yaml
-	@echo "checkpoints: checkpoints/tiny/checkpoints   log: checkpoints/tiny/metrics.jsonl"
-	@echo "mlflow ui --backend-store-uri sqlite:///$(abspath checkpoints/tiny/mlflow.db)"
+	$(PY) -m h3pretrain.cli train --config launch/configs/tiny.yaml $(foreach kv,$(SET),--set $(kv))
+	@$(PY) -m h3pretrain.cli summary $(TINY_RUN)
 
-# SLURM (README "Running on SLURM"): the sbatch script is rendered from launch/configs/<preset>.yaml;
+# SLURM (docs/slurm.md): the sbatch script is rendered from launch/configs/<preset>.yaml;
 # these variables (from the command line or the environment) override its slurm section.
 SLURM_SETS = $(if $(NODES),--set slurm.nodes=$(NODES)) \
 	$(if $(GPUS_PER_NODE),--set slurm.gpus_per_node=$(GPUS_PER_NODE)) \

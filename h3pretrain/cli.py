@@ -392,6 +392,12 @@ def _synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(args: argparse.Namespace) -> int:
+    from .summary import main as summary
+
+    return summary(args.run_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="h3pretrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -521,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--json", help="also write the result (with the per-epoch history) to this file")
     p.set_defaults(func=_synthetic)
+
+    p = sub.add_parser("summary", help="a run's result (steps, losses, checkpoint, metrics) and the next commands "
+                                       "to run on it")
+    p.add_argument("run_dir", help="the run directory (train.run_dir)")
+    p.set_defaults(func=_summary)
 
     p = sub.add_parser("info", help="a preset's shape and parameter count, or a whole config explained (--config)")
     p.add_argument("--preset", default="125m")

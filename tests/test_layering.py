@@ -13,7 +13,7 @@ SOURCES = {"h3pretrain": REPO / "h3pretrain", "flashconv": REPO / "kernels" / "f
 
 # lowest first; a module may import its own package and the layers below it
 LAYERS = [
-    ["h3pretrain", "h3pretrain.errors", "h3pretrain.quiet", "h3pretrain.jsonio"],
+    ["h3pretrain", "h3pretrain.errors", "h3pretrain.quiet", "h3pretrain.jsonio", "h3pretrain.rundir"],
     ["h3pretrain.config"],
     ["flashconv"],
     ["h3pretrain.model"],
@@ -22,7 +22,8 @@ LAYERS = [
     ["data_prep"],  # writes the shards: the tokenizer, readers of raw text
     ["h3pretrain.data"],  # reads them
     ["h3pretrain.train"],
-    ["h3pretrain.export", "h3pretrain.generate", "h3pretrain.evaluate", "h3pretrain.slurm", "h3pretrain.synthetic"],
+    ["h3pretrain.export", "h3pretrain.generate", "h3pretrain.evaluate", "h3pretrain.slurm", "h3pretrain.synthetic",
+     "h3pretrain.summary"],
     ["h3pretrain.cli"],
 ]
 # the Hugging Face modeling code is shipped inside exported directories: it must stand alone

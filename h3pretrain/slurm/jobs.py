@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import jsonio
+from .. import jsonio, rundir
 from ..config import ConfigError, load_yaml, save_yaml, to_dict
 from .script import JobPlan, plan, python_for_jobs, render
 from ..errors import UserError
@@ -144,7 +144,7 @@ def submit(p: JobPlan, repo: Path | None = None, sbatch_args: list[str] = (), ne
 
 
 def describe(p: JobPlan, job_id: str) -> str:
-    mlflow = p.cfg.train.mlflow_uri or f"sqlite:///{p.run_dir / 'mlflow.db'}"
+    mlflow = rundir.mlflow_uri(p.run_dir, p.cfg.train.mlflow_uri)
     return "\n".join([
         f"submitted job {job_id}: {p.job_name}, {p.cfg.slurm.nodes} node(s) x {p.tasks_per_node} ranks",
         f"  log          {p.log_path(job_id)}",
@@ -168,23 +168,6 @@ def resume_plan(run_dir: Path, overrides: list[str] = ()) -> JobPlan:
     return plan(cfg, str(config))
 
 
-def _last_train_record(metrics: Path) -> dict | None:
-    if not metrics.is_file():
-        return None
-    with open(metrics, "rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - (1 << 16)))
-        lines = f.read().decode(errors="replace").splitlines()
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the first, cut line, or one being written
-        if rec.get("kind") == "train":
-            return rec
-    return None
-
-
 def status(run_dir: Path) -> dict:
     """Job state, trainer state, last step and loss, latest checkpoint."""
     run_dir = Path(run_dir)
@@ -203,20 +186,15 @@ def status(run_dir: Path) -> dict:
                       "nodes": info.get("NodeList"),
                       "failures": _read_int(run_dir / "slurm" / f"failures-{ids[-1]}"),
                       "log": str(run_dir / "slurm" / f"job-{ids[-1]}.log")}
-    status_file = run_dir / "status.json"
     try:
-        out["trainer"] = json.loads(status_file.read_text(encoding="utf-8")) if status_file.is_file() else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        out["trainer"] = {"state": f"unreadable status.json ({err})"}
-    last = _last_train_record(run_dir / "metrics.jsonl")
+        out["trainer"] = rundir.read_status(run_dir)
+    except ValueError as err:
+        out["trainer"] = {"state": f"unreadable: {err}"}
+    last = rundir.last_records(run_dir).get("train")
     out["last_step"] = last["step"] if last else None
     out["last_loss"] = last["loss"] if last else None
-    latest = run_dir / "checkpoints" / "latest"
-    try:
-        name = latest.read_text(encoding="utf-8").strip() if latest.is_file() else None
-    except UnicodeDecodeError:
-        name = None
-    out["latest_checkpoint"] = str(run_dir / "checkpoints" / name) if name else None
+    latest = rundir.latest_checkpoint(run_dir)
+    out["latest_checkpoint"] = str(latest) if latest else None
     return out
 
 
@@ -243,8 +221,10 @@ def format_status(st: dict) -> str:
     if not job:
         lines.append("job       none submitted from this run directory")
     tr = st["trainer"]
-    if tr:
+    if tr and "step" in tr:
         lines.append(f"trainer   {tr['state']} at step {tr['step']} of {tr['steps']} ({tr['time']})")
+    elif tr:
+        lines.append(f"trainer   {tr.get('state')}")
     if st["last_step"] is not None:
         lines.append(f"last step {st['last_step']}, loss {st['last_loss']:.4f}")
     lines.append(f"latest    {st['latest_checkpoint'] or 'no checkpoint yet'}")
