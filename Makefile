@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: help setup test test-fast test-compat corpus pretrain bench-prep bench-generate bench-kernels bench-checkpoint gpu-check gpu-bundle clean-venv resume status $(SLURM_TARGETS)
+.PHONY: help setup test test-fast test-compat corpus pretrain bench-prep bench-generate bench-kernels bench-checkpoint bench-context gpu-check gpu-bundle clean-venv resume status $(SLURM_TARGETS)
 
 help:
 	@echo "make pretrain      set up, build a small corpus, train a tiny hybrid H3 model on CPU (SET='k=v ...')"
@@ -28,6 +28,7 @@ help:
 	@echo "make gpu-check     the first command on a GPU: correctness, kernels, models, generation, train in <= 9 min"
 	@echo "                   -> bench/results/gpu-check-<gpu>-<date>.{json,md} (CPU: a toy-size smoke check)"
 	@echo "make bench-recompute peak memory per train.recompute mode (125m, L=2048, CPU) -> bench/results/"
+	@echo "make bench-context   peak memory and step time per context-parallel rank, L=8K/32K, cp=1/2/4 (CPU)"
 	@echo "make bench-checkpoint checkpoint bytes per rank, extra RSS, blocked time (125m, 4 CPU ranks) -> bench/results/"
 	@echo "make test-compat   the fast tests on torch 2.11.0 (the lent GPU machine's) in .venv-compat"
 	@echo "make setup         only create/update $(VENV)"
@@ -107,6 +108,9 @@ gpu-bundle: $(STAMP)
 # Peak memory of a 125m forward+backward at L=2048 on CPU per train.recompute mode.
 bench-recompute: $(STAMP)
 	$(PY) bench/bench_recompute.py $(BENCH_RECOMPUTE_ARGS)
+
+bench-context: $(STAMP)
+	$(PY) bench/bench_context.py $(BENCH_CONTEXT_ARGS)
 
 bench-checkpoint: $(STAMP)
 	$(PY) bench/bench_checkpoint.py

@@ -185,7 +185,9 @@ def _plan(args: argparse.Namespace) -> int:
         cfg.model = preset(args.preset)
     apply_overrides(cfg, args.set)
     try:
-        print(report(cfg, args.gpus, args.seq_len))
+        if not args.gpu_memory_gb > 0:
+            raise ValueError(f"--gpu-memory-gb {args.gpu_memory_gb}: must be > 0")
+        print(report(cfg, args.gpus, args.seq_len, args.gpu_memory_gb))
     except ValueError as err:
         print(f"h3pretrain plan: error: {err}", file=sys.stderr)
         return 2
@@ -443,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="model preset (instead of, or over, the config's model)")
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the job (TP x PP x DP)")
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, for the verdict")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("slurm", help="SLURM jobs: render/submit an sbatch job from a config, status, resume")

@@ -6,9 +6,13 @@ Memory per GPU (fp32 parameters and gradients, torch autocast bf16 activations, 
   exp_avg and exp_avg_sq, 12 B per parameter divided over the DP ranks;
 - activations per layer, per token of a micro-batch (s tokens, d = d_model, t = TP size), after
   Korthikanti et al. 2022 (no sequence parallelism): d * (10 + 24 / t) bytes for the norms,
-  projections and MLP; attention adds 5 * heads * s / t (scores, softmax, dropout mask);
-  an H3 layer adds its two fp32 FFT convolutions: the spectra of input and kernel kept for the
-  backward, 2 * (8 + 8) bytes per local channel (d (1 + head_dim) / t channels);
+  projections and MLP; attention adds a log-sum-exp per head (flash kernels), or 5 * heads * s / t
+  (scores, softmax, dropout mask) where torch's math attention runs (fp32 with dropout: the CPU's
+  flash kernel has no dropout); under context parallelism the ring attention adds its own copies
+  of q, k, v and its fp32 output, and one attention layer's backward holds two K/V blocks and
+  their fp32 gradients at once; an H3 layer adds its two fp32 FFT convolutions: the spectra of
+  input and kernel kept for the backward, 2 * (8 + 8) bytes per local channel (d (1 + head_dim)
+  / t channels); precision fp32 doubles every bf16 term;
 - 1F1B keeps min(pp - stage, micro-batches) micro-batches in flight on a stage (x virtual_pp
   chunks under interleaving, each with its share of layers);
 - the last stage's logits and their gradient in fp32: 8 * s * vocab / t bytes per micro-batch.
@@ -18,13 +22,15 @@ Activation recompute (train.recompute) changes what a layer keeps per token:
 - selective: its fp32 input and the kept bf16 outputs (h3pretrain/model/regional.py): an H3 layer
   its q, k, v, output projection, fc1 and fc2 outputs, 2 (4 + 4 + 1) d / t (the FFTs are
   recomputed); an attention layer Wqkv, attention, out_proj, fc1 and fc2 outputs, 2 (3 + 1 + 1 + 4 + 1) d / t,
-  and the bf16 scores of torch's math attention, 2 * heads * s / t (flash kernels keep less);
+  and the scores where torch's math attention runs, 2 * heads * s / t (the ring attention is
+  recomputed whole: its output is not kept);
   plus one layer's recomputed activations once per stage, as for block.
 
 Checked against bench/results/memory-presets-h100.json (torch.fft H3, one H100, seq 2048): the
-activation estimate per sequence, 10.8 GB (1.3b) and 17.5 GB (2.7b), is within 11% of the measured
+activation estimate per sequence, 10.2 GB (1.3b) and 16.3 GB (2.7b), is within 4% of the measured
 growth per added sequence (10.1 and 15.7 GB); the measured peak also holds 8-13 GB of transient
-buffers (FFT workspaces, casts) that this estimate leaves out.
+buffers (FFT workspaces, casts) that this estimate leaves out. Long context on CPU (fp32, one
+sequence, cp = 1, 2, 4): bench/results/context-cpu.json, the estimate beside each measured rank.
 """
 from __future__ import annotations
 
@@ -53,20 +59,57 @@ class StagePlan:
         return (self.state_bytes + self.activation_bytes) / GiB
 
 
-def layer_activation_bytes(m: ModelConfig, kind: str, seq_len: int, tp: int, recompute: str) -> float:
-    """Bytes one layer keeps for the backward per token of a micro-batch (see the module docstring)."""
+def layer_activation_bytes(m: ModelConfig, kind: str, seq_len: int, tp: int, recompute: str, cp: int = 1,
+                           precision: str = "bf16") -> float:
+    """Bytes one layer keeps for the backward per token of a micro-batch (see the module docstring).
+    precision fp32: every bf16 activation term takes 4 bytes instead of 2. cp > 1: attention is the
+    ring (parallel.ring_attention), which keeps its inputs, its fp32 output and log-sum-exp, no scores."""
     d = m.d_model
+    act = 1.0 if precision == "bf16" else 2.0  # the bf16 terms' factor
     spectra = 2 * 16 * d * (1 + m.ssm_head_dim) / tp
     if recompute == "block":
         return 4 * d
+    # torch's math attention (CPU with dropout: its flash kernel has none) keeps the scores; the
+    # flash kernels keep a log-sum-exp per head; the ring keeps no scores in any case
+    scores = cp == 1 and precision == "fp32" and m.attn_dropout > 0
     if recompute == "selective":
-        if kind == "attention":
-            return 4 * d + 2 * 10 * d / tp + 2 * m.attn_num_heads * seq_len / tp
-        return 4 * d + 2 * 9 * d / tp
-    per_token = d * (10 + 24 / tp)
+        if kind == "attention":  # the ring is recomputed whole
+            kept = 0.0 if cp > 1 else (act * 2 * m.attn_num_heads * seq_len if scores else 4 * m.attn_num_heads)
+            return 4 * d + act * 2 * (9 if cp > 1 else 10) * d / tp + kept / tp
+        return 4 * d + act * 2 * 9 * d / tp
+    per_token = act * d * (10 + 24 / tp)
     if kind == "attention":
-        return per_token + 5 * m.attn_num_heads * seq_len / tp
+        if cp > 1:  # its own copies of q, k, v and its fp32 output
+            return per_token + (act * 2 * 3 + 4) * d / tp + 4 * m.attn_num_heads / tp
+        return per_token + (act * 5 * m.attn_num_heads * seq_len if scores else 4 * m.attn_num_heads) / tp
     return per_token + spectra
+
+
+def ring_backward_bytes(m: ModelConfig, tp: int, precision: str = "bf16") -> float:
+    """Per token of a piece, during one attention layer's backward under cp > 1: the K/V block in use
+    and the one arriving, their fp32 gradient accumulators (in use and arriving) and dq in fp32."""
+    act = 2 if precision == "bf16" else 4
+    d = m.d_model / tp
+    return 2 * 2 * act * d + 2 * 2 * 4 * d + 4 * d
+
+
+def logits_bytes(m: ModelConfig, tp: int) -> float:
+    """Per token on the last stage: the fp32 logits and their gradient."""
+    return 8 * m.padded_vocab_size / tp
+
+
+def stage_activation_bytes(cfg: Config, layer_kinds: list[str], seq_len: int, tokens: int, last: bool) -> float:
+    """One micro-batch's activations on a stage holding `layer_kinds`, `tokens` of it on this rank."""
+    m, tp, cp = cfg.model, cfg.parallel.tp, cfg.parallel.cp
+    recompute, precision = cfg.train.recompute, cfg.train.precision
+    act = sum(layer_activation_bytes(m, k, seq_len, tp, recompute, cp, precision) for k in layer_kinds) * tokens
+    if recompute != "none" and layer_kinds:  # one layer's recomputation, live during its backward
+        act += max(layer_activation_bytes(m, k, seq_len, tp, "none", cp, precision) for k in layer_kinds) * tokens
+    if cp > 1 and "attention" in layer_kinds:
+        act += ring_backward_bytes(m, tp, precision) * tokens
+    if last:
+        act += logits_bytes(m, tp) * tokens
+    return act
 
 
 def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[StagePlan], int]:
@@ -101,20 +144,31 @@ def plan(cfg: Config, world: int, seq_len: int) -> tuple[list[Chunk], list[Stage
         state = local * 8 + local * 12 / (dp * parallel_cfg.cp)  # ZeRO partitions over DP x CP
         in_flight = min(parallel_cfg.pp - stage, micro_batches) if parallel_cfg.pp > 1 else 1
         tokens = train_cfg.micro_batch * seq_len // parallel_cfg.cp  # this rank's piece of each sequence
-        act = 0.0
         layer_kinds = [kinds[i] for c in local_chunks for i in c.layers]
-        for kind in layer_kinds:
-            act += layer_activation_bytes(m, kind, seq_len, parallel_cfg.tp, train_cfg.recompute) * tokens
-        if train_cfg.recompute != "none" and layer_kinds:  # one layer's recomputation, live during its backward
-            act += max(layer_activation_bytes(m, k, seq_len, parallel_cfg.tp, "none") for k in layer_kinds) * tokens
-        for c in local_chunks:
-            if c.index == last:
-                act += 8 * tokens * m.padded_vocab_size / parallel_cfg.tp
+        act = stage_activation_bytes(cfg, layer_kinds, seq_len, tokens, any(c.index == last for c in local_chunks))
         plans.append(StagePlan(stage, params, local, state, act * in_flight))
     return chunks, plans, dp
 
 
-def report(cfg: Config, world: int, seq_len: int) -> str:
+def layer_table(cfg: Config, seq_len: int) -> list[str]:
+    """Per-rank activation memory of one micro-batch, per layer kind, under each recompute mode."""
+    m, parallel_cfg = cfg.model, cfg.parallel
+    tokens = cfg.train.micro_batch * seq_len // parallel_cfg.cp
+    kinds = m.layer_kinds()
+    lines = [f"activations per rank, one micro-batch ({tokens:,} tokens of {seq_len:,} per rank; GiB; "
+             f"{cfg.train.precision}):", f"  {'layer kind':18s} {'none':>9s} {'block':>9s} {'selective':>9s}"]
+    for kind in sorted(set(kinds)):
+        row = [layer_activation_bytes(m, kind, seq_len, parallel_cfg.tp, mode, parallel_cfg.cp,
+                                      cfg.train.precision) * tokens / GiB for mode in ("none", "block", "selective")]
+        lines.append(f"  {kind + f' (x{kinds.count(kind)})':18s} " + " ".join(f"{x:9.2f}" for x in row) + "  each")
+    if parallel_cfg.cp > 1 and "attention" in kinds:
+        lines.append(f"  {'ring backward':18s} {ring_backward_bytes(m, parallel_cfg.tp, cfg.train.precision) * tokens / GiB:9.2f}"
+                     "  once, during one attention layer's backward")
+    lines.append(f"  {'logits (last)':18s} {logits_bytes(m, parallel_cfg.tp) * tokens / GiB:9.2f}  once, on the last stage")
+    return lines
+
+
+def report(cfg: Config, world: int, seq_len: int, gpu_memory_gb: float = 80.0) -> str:
     chunks, plans, dp = plan(cfg, world, seq_len)
     parallel_cfg = cfg.parallel
     lines = [f"layout TP{parallel_cfg.tp}·PP{parallel_cfg.pp}" + (f"(x{parallel_cfg.virtual_pp} virtual)" if parallel_cfg.virtual_pp > 1 else "") +
@@ -126,4 +180,9 @@ def report(cfg: Config, world: int, seq_len: int) -> str:
         lines.append(f"  stage {p.stage}: {p.params:,} parameters, {p.params_per_gpu:,} per GPU | "
                      f"weights+grads+optimizer {p.state_bytes / GiB:.1f} GiB + activations "
                      f"{p.activation_bytes / GiB:.1f} GiB = {p.total_gib:.1f} GiB")
+    lines += layer_table(cfg, seq_len)
+    need = max(p.total_gib for p in plans) * GiB / 1e9
+    verdict = "fits" if need <= gpu_memory_gb else "does not fit"
+    lines.append(f"{verdict} on GPUs of {gpu_memory_gb:g} GB with train.recompute={cfg.train.recompute}: the largest "
+                 f"stage needs {need:.1f} GB (before allocator fragmentation and kernel workspaces)")
     return "\n".join(lines)

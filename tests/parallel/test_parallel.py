@@ -52,7 +52,8 @@ def one_process(tmp_path_factory):
     """Single-process runs: head_dim 1 and 2 (3 layers), 4 layers for interleaving, 6 steps for resumes."""
     root = tmp_path_factory.mktemp("one")
     return {key: probe(root / key, 1, **args) for key, args in {
-        "hd1": dict(head_dim=1), "hd2": dict(head_dim=2), "l4": dict(layers=4), "6-steps": dict(steps=6)}.items()}
+        "hd1": dict(head_dim=1), "hd2": dict(head_dim=2), "hd8": dict(head_dim=8), "l4": dict(layers=4),
+        "6-steps": dict(steps=6)}.items()}
 
 
 LAYOUTS = {  # name: (processes, probe arguments, reference)
@@ -64,9 +65,12 @@ LAYOUTS = {  # name: (processes, probe arguments, reference)
     "TP2·DP2": (4, dict(tp=2, head_dim=2), "hd2"),
     "TP2-sequence-parallel": (2, dict(tp=2, sp=1, head_dim=2), "hd2"),
     "TP2·PP2-sequence-parallel": (4, dict(tp=2, pp=2, sp=1, head_dim=1), "hd1"),
-    # context parallel: 16 tokens in pieces of 8 / 4 (the shift FIR reaches 7 back: over 2 ranks)
+    # context parallel, zigzag: 16 tokens in 4 / 8 chunks of 4 / 2, two per rank (the shift FIR
+    # reaches 7 back: over 2 / 4 chunks); ring attention
     "CP2": (2, dict(cp=2, head_dim=2), "hd2"),
     "CP4": (4, dict(cp=4, head_dim=1), "hd1"),
+    "CP4-head-dim-8-block-recompute": (4, dict(cp=4, head_dim=8, recompute="block"), "hd8"),
+    "TP2·CP2-head-dim-8": (4, dict(tp=2, cp=2, head_dim=8), "hd8"),
     "TP2·CP2-sequence-parallel": (4, dict(tp=2, cp=2, sp=1, head_dim=1), "hd1"),
     "PP2·CP2": (4, dict(pp=2, cp=2, head_dim=1), "hd1"),
     # regional torch.compile and activation recompute under the layouts
@@ -106,7 +110,7 @@ def test_layout_matches_one_process(one_process, tmp_path, layout):
     ((4, dict(tp=2, pp=2)), (4, dict()), "sharded"),  # TP2·PP2 -> TP1·PP1·DP4
     ((4, dict()), (4, dict(tp=2, pp=2)), "sharded"),  # and back
     ((2, dict(pp=2, zero=1)), (2, dict(zero=3)), "sharded"),  # PP2 ZeRO-1 -> DP2 ZeRO-3
-    ((4, dict(tp=2, cp=2)), (2, dict(cp=2, zero=3)), "sharded"),  # TP2·CP2 -> CP2 ZeRO-3
+    ((4, dict(tp=2, cp=2)), (4, dict(cp=4, zero=3)), "sharded"),  # TP2·CP2 -> CP4 ZeRO-3
     ((2, dict(zero=3)), (4, dict(tp=2, zero=2)), "sharded"),  # DP2 ZeRO-3 -> TP2·DP2 ZeRO-2
     ((4, dict(tp=2, pp=2)), (4, dict()), "gathered"),  # the earlier format still resumes
     ((2, dict(pp=2, zero=1)), (2, dict(zero=3)), "gathered"),
