@@ -274,7 +274,7 @@ def test_the_checks_find_what_is_wrong():
 CPU_BLOCKS = [b for b in all_blocks() if b.kind == "cpu"]
 # what the caller's environment may set that the documented commands read (Makefile, configs)
 CLEARED = ("H3_DATA", "H3_RUNS", "H3_TOKENIZER", "H3_MLFLOW_URI", "SET", "DRY_RUN", "NODES", "GPUS_PER_NODE",
-           "TIME", "PARTITION", "ACCOUNT", "RUN", "VENV")
+           "TIME", "PARTITION", "ACCOUNT", "RUN")
 
 
 def _copy_repository(root: Path) -> None:
@@ -311,7 +311,7 @@ def workspace(corpus, tmp_path_factory):
         pytest.fail("no .venv: run `make setup` first")
     root = tmp_path_factory.mktemp("docs") / "h3pretrain"
     _copy_repository(root)
-    if subprocess.run(["make", "-q", ".venv/.installed"], cwd=root, capture_output=True).returncode:
+    if subprocess.run(["make", "-q", "setup"], cwd=root, env=_env(), capture_output=True).returncode:
         pytest.fail(".venv is older than pyproject.toml or launch/: run `make setup` first")
     docs = [p for d in corpus_docs(corpus) for p in d.split("\n\n") if p.strip()]
     assert len(docs) > 1000
@@ -319,17 +319,20 @@ def workspace(corpus, tmp_path_factory):
     return root
 
 
-def _env(root: Path) -> dict:
+def _env() -> dict:
+    """The caller's environment, less what the documented commands read. make runs the repository's
+    .venv by its own path (VENV), as `.venv/bin/h3pretrain` does: through the copy's link the
+    paths would differ, and DeepSpeed would rebuild its CPU comm op (minutes) for each of the two;
+    the op is built once into .venv/torch_extensions, where make puts it."""
     env = {k: v for k, v in os.environ.items() if k not in CLEARED}
-    # where make puts DeepSpeed's CPU comm op, for the commands that run without make too
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(root / ".venv" / "torch_extensions"))
-    return {**env, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    return {**env, "VENV": str(REPO / ".venv"), "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
 
 
 def _run(block_text: str, lang: str, root: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = ["bash", "-e", "-o", "pipefail", "-c", block_text] if lang == "shell" else \
         [str(root / ".venv" / "bin" / "python"), "-c", block_text]
-    return subprocess.run(cmd, cwd=root, env=_env(root), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=root, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _summaries_checked(root: Path, output: str) -> int:
@@ -360,12 +363,14 @@ def _summaries_checked(root: Path, output: str) -> int:
         program, ui, option, uri = shlex.split(mlflow)
         assert (ui, option, uri) == ("ui", "--backend-store-uri", f"sqlite:///{root / run / 'mlflow.db'}")
         assert (root / run / "mlflow.db").is_file()
-        helped = subprocess.run([str(root / program), "ui", "--help"], cwd=root, env=_env(root), capture_output=True,
+        helped = subprocess.run([str(root / program), "ui", "--help"], cwd=root, env=_env(), capture_output=True,
                                 text=True, timeout=120)
         assert helped.returncode == 0 and "--backend-store-uri" in helped.stdout
-        if run == "checkpoints/tiny":  # the README shows these lines; $PWD is the repository's path
+        if run == "checkpoints/tiny":  # the README shows these lines, $PWD for the repository's path
             shown = (REPO / "README.md").read_text(encoding="utf-8")
-            for printed in (generate, export, mlflow.replace(str(root), "$PWD")):
+            here = {f"{REPO}/.venv/": ".venv/", f"sqlite:///{root}/": "sqlite:///$PWD/"}  # (.venv: see _env)
+            for printed in (generate, export, mlflow):
+                printed = re.sub("|".join(map(re.escape, here)), lambda m: here[m.group(0)], printed)
                 assert f"  {printed}\n" in shown, f"README.md does not show the summary's line {printed!r}"
     return found
 
