@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import jsonio
+from ..rundir import mlflow_uri
 from ..config import Config, to_dict
 
 log = logging.getLogger("h3pretrain.train")
@@ -106,7 +107,7 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        uri = cfg.train.mlflow_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').absolute()}"
+        uri = mlflow_uri(self.run_dir, cfg.train.mlflow_uri)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         id_file = self.run_dir / "mlflow_run_id"
