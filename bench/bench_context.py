@@ -97,6 +97,19 @@ def run(model_name: str, seq_len: int, cp: int, steps: int) -> dict:
     return result
 
 
+def replan(path: Path) -> int:
+    result = json.loads(path.read_text())
+    print(f"{'model':8s} {'L':>6s} {'cp':>2s} | peak growth per rank, GB | plan, GB | plan / measured")
+    for row in result["rows"]:
+        row["plan_activation_gb"] = predicted_gb(row["model"], row["seq_len"], row["cp"])
+        low, high = min(row["growth_gb"]), max(row["growth_gb"])
+        print(f"{row['model']:8s} {row['seq_len']:6d} {row['cp']:2d} | {low:.2f}-{high:.2f} | "
+              f"{row['plan_activation_gb']:.2f} | {row['plan_activation_gb'] / high:.2f}-{row['plan_activation_gb'] / low:.2f}")
+    result["replanned"] = time.strftime("%Y-%m-%d")
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         out, model_name, seq_len, cp, steps = sys.argv[2:7]
@@ -108,7 +121,11 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=str(HERE / "results" / "context-cpu.json"))
+    ap.add_argument("--replan", action="store_true",
+                    help="measure nothing: recompute the plan's column of --out (after a change to the plan)")
     args = ap.parse_args()
+    if args.replan:
+        return replan(Path(args.out))
     rows = []
     print(f"{'model':8s} {'L':>6s} {'cp':>2s} | peak RSS per rank, GB | max/min | max / cp=1 | step s per rank | "
           "loss diff vs cp=1 | peak growth over the steps per rank, and the plan's activations", flush=True)

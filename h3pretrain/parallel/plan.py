@@ -15,7 +15,8 @@ Memory per GPU (fp32 parameters and gradients, torch autocast bf16 activations, 
   / t channels); precision fp32 doubles every bf16 term;
 - 1F1B keeps min(pp - stage, micro-batches) micro-batches in flight on a stage (x virtual_pp
   chunks under interleaving, each with its share of layers);
-- the last stage's logits and their gradient in fp32: 8 * s * vocab / t bytes per micro-batch.
+- the last stage's fp32 logits, their log-softmax and the gradients of both, live together when
+  the backward starts: 16 * s * vocab / t bytes per micro-batch.
 Activation recompute (train.recompute) changes what a layer keeps per token:
 - block: only its fp32 input, 4 d bytes; the backward recomputes one layer at a time, so one
   micro-batch of the largest layer's full activations is added once per stage;
@@ -27,10 +28,11 @@ Activation recompute (train.recompute) changes what a layer keeps per token:
   plus one layer's recomputed activations once per stage, as for block.
 
 Checked against bench/results/memory-presets-h100.json (torch.fft H3, one H100, seq 2048): the
-activation estimate per sequence, 10.2 GB (1.3b) and 16.3 GB (2.7b), is within 4% of the measured
+activation estimate per sequence, 11.0 GB (1.3b) and 17.1 GB (2.7b), is within 9% of the measured
 growth per added sequence (10.1 and 15.7 GB); the measured peak also holds 8-13 GB of transient
 buffers (FFT workspaces, casts) that this estimate leaves out. Long context on CPU (fp32, one
-sequence, cp = 1, 2, 4): bench/results/context-cpu.json, the estimate beside each measured rank.
+sequence, cp = 1, 2, 4): bench/results/context-cpu.json, the estimate beside each rank's measured
+growth.
 """
 from __future__ import annotations
 
@@ -94,8 +96,9 @@ def ring_backward_bytes(m: ModelConfig, tp: int, precision: str = "bf16") -> flo
 
 
 def logits_bytes(m: ModelConfig, tp: int) -> float:
-    """Per token on the last stage: the fp32 logits and their gradient."""
-    return 8 * m.padded_vocab_size / tp
+    """Per token on the last stage, at the start of the backward: the fp32 logits, their
+    log-softmax and the gradients of both."""
+    return 16 * m.padded_vocab_size / tp
 
 
 def stage_activation_bytes(cfg: Config, layer_kinds: list[str], seq_len: int, tokens: int, last: bool) -> float:
@@ -182,7 +185,9 @@ def report(cfg: Config, world: int, seq_len: int, gpu_memory_gb: float = 80.0) -
                      f"{p.activation_bytes / GiB:.1f} GiB = {p.total_gib:.1f} GiB")
     lines += layer_table(cfg, seq_len)
     need = max(p.total_gib for p in plans) * GiB / 1e9
+    logits = logits_bytes(cfg.model, parallel_cfg.tp) * cfg.train.micro_batch * seq_len / parallel_cfg.cp / 1e9
     verdict = "fits" if need <= gpu_memory_gb else "does not fit"
     lines.append(f"{verdict} on GPUs of {gpu_memory_gb:g} GB with train.recompute={cfg.train.recompute}: the largest "
-                 f"stage needs {need:.1f} GB (before allocator fragmentation and kernel workspaces)")
+                 f"stage needs {need:.1f} GB (before allocator fragmentation and kernel workspaces), of which the "
+                 f"last stage's logits {logits:.1f} GB")
     return "\n".join(lines)
