@@ -57,7 +57,7 @@ def test_rollback_records_chain_from_the_checkpoint_and_a_torn_line_is_cut(tmp_p
 
 
 # The global batch SPIKE_BATCH (0-based, in the run's data order) is bad data: every step that trains
-# on it has a loss 30 times what it would be. H3_TEST_SLOW_LOAD: every checkpoint load sleeps first.
+# on it has a loss 1000 times what it would be. H3_TEST_SLOW_LOAD: every checkpoint load sleeps first.
 SPIKE = """
 import os, sys, time, torch
 from h3pretrain.data.shards import TokenBatches
@@ -76,7 +76,7 @@ loss = HybridLM.loss
 def planted(self, logits, targets):
     out = loss(self, logits, targets)
     if torch.is_grad_enabled() and any(row.numpy().tobytes() in bad_rows for row in targets):
-        out = out * 30
+        out = out * 1000
     return out
 HybridLM.loss = planted
 if os.environ.get("H3_TEST_SLOW_LOAD"):
@@ -89,7 +89,9 @@ from h3pretrain.cli import main
 sys.exit(main())
 """
 
-SPIKY = {"steps": 10, "ckpt_every": 3, "eval_every": 0, "keep_last": 10, "spike_window": 3, "spike_z": 4.0,
+# A window of 3 losses can have a tiny std: z = 500 keeps ordinary steps far from the threshold,
+# and the planted spike (about 1000 x 6.7) far above it.
+SPIKY = {"steps": 10, "ckpt_every": 3, "eval_every": 0, "keep_last": 10, "spike_window": 3, "spike_z": 500.0,
          "model.embed_dropout": 0.1, "model.attn_dropout": 0.1}
 
 
