@@ -235,6 +235,9 @@ CASES = [
     ("info --set model.nope=1", "nope"),
     ("info --set model.d_model=abc", "abc"),
     ("info --set model.attn_num_heads=5", "attn_num_heads"),
+    # summary
+    ("summary {ws}/missing-run", "missing-run"),
+    ("summary {ws}/data", "not a run directory"),
 ]
 
 TRAIN_CASES = [
