@@ -90,8 +90,11 @@ class ContextParallel:
         tail = min(c, reach)
         tails = self._in_sequence_order(self._gather(k2[:, c - tail:].view(1, 2, B, tail, C), dim=0))
         history = []
+        back = -(-reach // tail) if reach else 0  # chunks before one that the FIR reaches into
         for j in self.chunks:  # the inputs before chunk j that the FIR reaches, zeros before the start
-            before = torch.cat(tails[:j] + [tails[0][:, :0]], dim=1)[:, -reach:] if reach else tails[0][:, :0]
+            before = tails[0][:, :0]
+            if reach:
+                before = torch.cat(tails[max(0, j - back):j] + [before], dim=1)[:, -reach:]
             history.append(torch.nn.functional.pad(before, (0, 0, reach - before.shape[1], 0)))
         history = torch.cat(history)  # (2B, reach, C): every rank uses the gathered tails (chunk 2cp-1-r has some)
         dA = discrete[0]

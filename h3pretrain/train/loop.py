@@ -550,7 +550,8 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                                    f"{train_cfg.max_bad_steps})")
             else:
                 bad_in_a_row = 0
-            spike = window.check(last_loss) if train_cfg.spike != "off" and not engine.update_skipped() else None
+            applied = math.isfinite(last_loss) and not engine.update_skipped()  # what the window judges by
+            spike = window.check(last_loss) if train_cfg.spike != "off" and applied else None
             if engine.compile_failure != compile_failure_said:  # train.compile=auto fell back during the run
                 compile_failure_said = engine.compile_failure
                 write_status("running")
@@ -567,7 +568,7 @@ def _run(cfg: Config, data: TrainingData, stop: StopRequest, guard: _StartGuard)
                 if rank == 0:
                     log.warning("step %d: %s (train.spike=%s)", step, spike.describe(), train_cfg.spike)
                     tracker.log(step, spike.metrics(), kind="spike")
-            if math.isfinite(last_loss) and not engine.update_skipped() and not (spike and train_cfg.spike == "rollback"):
+            if applied and (spike is None or train_cfg.spike == "warn"):
                 window.add(last_loss)
             elapsed = time.time() - t0
             log_step = step % train_cfg.log_every == 0 or step == train_cfg.steps
